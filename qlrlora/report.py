@@ -1,0 +1,105 @@
+"""The rank report: learned rank per adapted layer as ranks.json and a plot, ranks.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlrlora.io import atomic_write, atomic_write_json
+from qlrlora.regularizer import RankController
+
+KIND_COLORS = {"attention": "tab:blue", "mlp": "tab:orange", "other": "tab:gray"}
+MARKERS = "os^vDPX*hp<>"
+
+
+def rank_summary(controller: RankController) -> dict:
+    return {
+        "mean_rank_attention": controller.mean_rank("attention"),
+        "mean_rank_mlp": controller.mean_rank("mlp"),
+        "live_adapter_params": controller.live_params(),
+        "budget_adapter_params": controller.budget_params(),
+        "lambda": controller.penalty,
+        "temperature": controller.temperature,
+        "step": controller.step_count,
+    }
+
+
+def write_rank_report(directory: str | Path, controller: RankController, extra: dict | None = None) -> None:
+    directory = Path(directory)
+    layers = controller.report()
+    data = {
+        "summary": {**rank_summary(controller), **(extra or {})},
+        "layers": [
+            {
+                "module": r.module,
+                "kind": r.kind,
+                "layer": r.layer,
+                "r_max": r.r_max,
+                "rank": round(r.rank, 4),
+                "hard_rank": r.hard_rank,
+            }
+            for r in layers
+        ],
+    }
+    atomic_write_json(directory / "ranks.json", data)
+    atomic_write(directory / "ranks.png", lambda tmp: _plot(layers, data["summary"], tmp))
+
+
+def _plot(layers, summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    by_projection: dict[str, list] = {}
+    for r in layers:
+        by_projection.setdefault(r.module.rsplit(".", 1)[-1], []).append(r)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for i, (projection, rows) in enumerate(sorted(by_projection.items(), key=lambda kv: (kv[1][0].kind, kv[0]))):
+        rows = sorted(rows, key=lambda r: (r.layer is None, r.layer))
+        xs = [r.layer if r.layer is not None else -1 for r in rows]
+        kind = rows[0].kind
+        ax.plot(
+            xs,
+            [r.rank for r in rows],
+            marker=MARKERS[i % len(MARKERS)],
+            color=KIND_COLORS[kind],
+            alpha=0.8,
+            linewidth=1,
+            label=f"{projection} ({kind})",
+        )
+    r_max = max(r.r_max for r in layers)
+    ax.set_ylim(0, r_max * 1.05)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer index")
+    ax.set_ylabel("learned rank")
+    ax.set_title(
+        f"LR-LoRA learned ranks: {summary['live_adapter_params']:,} adapter parameters at the hard ranks"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+
+def format_rank_table(layers) -> str:
+    """Hard rank of every adapted layer: one row per block, one column per projection."""
+    projections = sorted({r.module.rsplit(".", 1)[-1] for r in layers}, key=lambda p: (_kind_order(layers, p), p))
+    cells = {(r.layer, r.module.rsplit(".", 1)[-1]): r.hard_rank for r in layers}
+    blocks = sorted({r.layer for r in layers}, key=lambda i: (i is None, i))
+    width = max(6, *(len(p) for p in projections))
+    header = "layer " + " ".join(p.rjust(width) for p in projections)
+    rows = [header, "-" * len(header)]
+    for block in blocks:
+        values = [str(cells.get((block, p), "")).rjust(width) for p in projections]
+        rows.append(f"{'-' if block is None else block:>5} " + " ".join(values))
+    total = sum(r.params for r in layers)
+    rows.append(f"learned hard ranks; {total:,} adapter parameters kept")
+    return "\n".join(rows)
+
+
+def _kind_order(layers, projection: str) -> int:
+    kind = next(r.kind for r in layers if r.module.endswith("." + projection) or r.module == projection)
+    return {"attention": 0, "mlp": 1}.get(kind, 2)

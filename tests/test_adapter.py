@@ -1,0 +1,146 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from qlrlora.adapter import LRLoRALinear
+
+
+def nf4_copy(linear: nn.Linear) -> nn.Module:
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+    )
+    q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q.to("cpu")
+
+
+class Holder(nn.Module):
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("base_kind", ["bf16", "nf4"])
+def test_saturated_rank_equals_peft_rslora(base_kind):
+    """Invariant 1: rank fixed at r_max and temperature -> 0 is rsLoRA of rank r_max (PEFT as reference)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    r_max, alpha = 8, 16.0
+    linear = nn.Linear(128, 64, bias=True).to(torch.bfloat16)
+    base = nf4_copy(linear) if base_kind == "nf4" else linear
+    reference = get_peft_model(
+        Holder(nf4_copy(linear) if base_kind == "nf4" else nn.Linear(128, 64).to(torch.bfloat16)),
+        LoraConfig(r=r_max, lora_alpha=alpha, use_rslora=True, target_modules=["proj"], lora_dropout=0.0),
+    )
+    if base_kind == "bf16":
+        reference.base_model.model.proj.base_layer.load_state_dict(linear.state_dict())
+    layer = LRLoRALinear(base, r_max=r_max, init_rank=r_max, alpha=alpha, dtype=torch.float32)
+    layer.temperature = 1e-3
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        peft_proj = reference.base_model.model.proj
+        peft_proj.lora_A["default"].weight.copy_(layer.lora_A)
+        peft_proj.lora_B["default"].weight.copy_(layer.lora_B)
+    assert peft_proj.scaling["default"] == pytest.approx(alpha / math.sqrt(r_max))
+    assert torch.equal(layer.rank_mask(), torch.ones(r_max))
+
+    x = torch.randn(4, 10, 128, dtype=torch.bfloat16)
+    ours, theirs = layer(x), reference(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    # Same bf16 base output plus an fp32 adapter path on both sides: equal up to the final bf16 rounding.
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-2, atol=1e-2)
+    assert (ours.float() - theirs.float()).abs().max() <= (theirs.float().abs().max() * 2**-7)
+    delta = (ours.float() - layer.base(x).float()).abs().mean()
+    assert delta > 0.1  # the adapter really contributes, so the comparison means something
+
+
+def test_bf16_adapter_matches_fp32_reference():
+    torch.manual_seed(0)
+    layer = LRLoRALinear(nn.Linear(64, 32), r_max=16, init_rank=5.3, alpha=8.0, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(8, 64)
+    mask = torch.sigmoid((5.3 - torch.arange(16) - 0.5) / layer.temperature)
+    expected = layer.base(x) + (x @ layer.lora_A.float().t() * mask * layer.scaling) @ layer.lora_B.float().t()
+    torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_rank_is_fp32_and_gets_gradient_with_bf16_factors():
+    torch.manual_seed(0)
+    layer = LRLoRALinear(nn.Linear(32, 32).to(torch.bfloat16), r_max=8, init_rank=4, alpha=8.0)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+    assert layer.rank.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer(torch.randn(4, 32, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+    assert layer.rank.grad is not None and layer.rank.grad.dtype == torch.float32
+    assert layer.rank.grad.abs() > 0
+    assert all(not p.requires_grad for p in layer.base.parameters())
+
+
+def test_effective_and_hard_rank():
+    layer = LRLoRALinear(nn.Linear(16, 16), r_max=12, init_rank=5.3, alpha=1.0)
+    assert layer.hard_rank() == 5
+    layer.temperature = 1.0
+    assert layer.effective_rank() == pytest.approx(5.3, abs=0.05)  # sum of the mask tracks the rank
+    layer.temperature = 0.01
+    assert layer.effective_rank() == pytest.approx(5.0, abs=1e-3)
+    with torch.no_grad():
+        layer.rank.fill_(0.49)
+    assert layer.hard_rank() == 0
+    with torch.no_grad():
+        layer.rank.fill_(12.0)
+    assert layer.hard_rank() == 12
+
+
+def test_pruned_factors_fold_scale_and_mask_and_report_dropped_share():
+    torch.manual_seed(0)
+    layer = LRLoRALinear(nn.Linear(48, 40), r_max=10, init_rank=4.2, alpha=3.0, dtype=torch.float32)
+    layer.temperature = 0.5  # soft: the components past the hard rank still carry a little
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    pruned = layer.pruned()
+    r = layer.hard_rank()
+    assert r == 4 and pruned.A.shape == (4, 48) and pruned.B.shape == (40, 4)
+    full = layer.delta_weight()
+    kept = pruned.B @ pruned.A
+    expected_share = float((full - kept).norm() / full.norm())
+    assert pruned.dropped_share == pytest.approx(expected_share, rel=1e-4)
+    assert 0 < pruned.dropped_share < 1
+    # Near-binary masks: pruning is lossless and the pruned factors reproduce the layer.
+    layer.temperature = 1e-3
+    pruned = layer.pruned()
+    assert pruned.dropped_share < 1e-6
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(layer(x), layer.base(x) + x @ pruned.A.t() @ pruned.B.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_rank_zero_layer_prunes_to_nothing():
+    layer = LRLoRALinear(nn.Linear(8, 8), r_max=4, init_rank=0.0, alpha=1.0)
+    layer.temperature = 1e-3
+    pruned = layer.pruned()
+    assert pruned.A.shape == (0, 8) and pruned.B.shape == (8, 0) and pruned.dropped_share == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"r_max": 0, "init_rank": 0}, "r_max must be >= 1"), ({"r_max": 4, "init_rank": 5}, "init_rank must be in")],
+)
+def test_bad_ranks_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LRLoRALinear(nn.Linear(8, 8), alpha=1.0, **kwargs)
+
+
+def test_only_linear_layers_can_be_wrapped():
+    with pytest.raises(TypeError, match="nn.Linear or bitsandbytes Linear4bit"):
+        LRLoRALinear(nn.Embedding(10, 8), r_max=2, init_rank=1, alpha=1.0)
