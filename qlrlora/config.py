@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -196,13 +197,36 @@ SECTIONS = {
 TRAIN_RESERVED = {"output_dir": "output.dir", "resume_from_checkpoint": "output.resume"}
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true / false are booleans (`save_strategy: no` stays 'no') and 2e-4 is a number."""
+
+
+_REPLACED = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"}
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `--section.key=value` overrides and validate every field."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -234,8 +258,9 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     train = raw.get("train") or {}
     if not isinstance(train, dict):
         raise ConfigError(f"{source}: train: expected a mapping of SFTConfig fields, got {train!r}")
+    train = dict(train)
     _check_train_fields(train, source)
-    return Recipe(**sections, train=dict(train), source=source)
+    return Recipe(**sections, train=train, source=source)
 
 
 def build_dataclass(cls, data: dict, prefix: str, source: str):
@@ -328,30 +353,37 @@ def did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _sft_fields() -> dict[str, dataclasses.Field]:
+def _sft_hints() -> dict[str, Any]:
+    """SFTConfig's fields with their type hints, library enums read as the strings they accept."""
+    import enum
+
     from trl import SFTConfig
 
-    return {f.name: f for f in dataclasses.fields(SFTConfig) if f.init}
+    def plain(hint):
+        origin = typing.get_origin(hint)
+        if origin in (typing.Union, types.UnionType):
+            return typing.Union[tuple(plain(a) for a in typing.get_args(hint))]
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            return str
+        if hint in (bool, int, float, str, dict, type(None)) or origin in (list, dict):
+            return hint
+        return Any
+
+    hints = typing.get_type_hints(SFTConfig)
+    return {f.name: plain(hints[f.name]) for f in dataclasses.fields(SFTConfig) if f.init}
 
 
 def _check_train_fields(train: dict, source: str) -> None:
-    fields = _sft_fields()
+    hints = _sft_hints()
     for key, value in train.items():
         if key in TRAIN_RESERVED:
             raise ConfigError(f"{source}: train.{key}: set {TRAIN_RESERVED[key]} instead")
-        if key not in fields:
+        if key not in hints:
             raise ConfigError(
                 f"{source}: unknown key 'train.{key}' (train takes TRL SFTConfig fields)"
-                f"{did_you_mean(key, list(fields))}"
+                f"{did_you_mean(key, list(hints))}"
             )
-        default = fields[key].default
-        # SFTConfig's hints are strings with library types; check the plain scalars by their default.
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ConfigError(f"{source}: train.{key}: expected true or false, got {value!r}")
-        if type(default) is int and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{source}: train.{key}: expected an integer, got {value!r}")
-        if type(default) is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{source}: train.{key}: expected a number, got {value!r}")
+        train[key] = _coerce(value, hints[key], f"train.{key}", source)
 
 
 def _apply_override(raw: dict, item: str, source: str) -> None:
@@ -360,7 +392,7 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
     key, text = item[2:].split("=", 1)
     section, *rest = key.split(".")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = parse_yaml(text) if text else None
     except yaml.YAMLError:
         value = text
     node = raw.setdefault(section, {})

@@ -40,6 +40,7 @@ def atomic_directory(path: str | Path, fill: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the permissions mkdir would
     try:
         fill(tmp)
         if path.exists():

@@ -35,3 +35,26 @@ def test_defaults_and_int_to_float():
     r = recipe(rank={"mode": "budget", "budget_avg_rank": 16}, adapter={"init_rank": 4})
     assert r.adapter.init_rank == 4.0 and isinstance(r.adapter.init_rank, float)
     assert r.adapter.targets == "all-linear" and r.model.quantize == "nf4"
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    from qlrlora.config import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.output.dir.startswith("runs/")
+    big = load_recipe(recipes[0].parent / "llama3_8b_commonsense.yaml")
+    assert big.model.name_or_path == "meta-llama/Meta-Llama-3-8B" and big.adapter.r_max == 64
+    assert big.rank.budget_avg_rank == 16 and big.train["max_length"] == 256
+    small = load_recipe(recipes[0].parent / "llama3_8b_commonsense_24gb.yaml")
+    assert small.train["optim"] == "paged_adamw_8bit" and small.train["packing"] and small.train["gradient_checkpointing"]
+
+
+def test_yaml_reads_no_as_a_string_and_2e_4_as_a_number():
+    from qlrlora.config import parse_yaml
+
+    assert parse_yaml("a: no\nb: 2e-4\nc: true\nd: 3") == {"a": "no", "b": 2e-4, "c": True, "d": 3}

@@ -1,0 +1,80 @@
+"""The CLI's answer to bad input: one line on stderr, exit code 2, no traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlrlora.sft import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "tiny_cpu.yaml"
+
+
+def error_of(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]  # library progress bars may come before it
+    assert last.startswith("error: "), err
+    return last
+
+
+def test_no_argument_says_what_to_run():
+    result = subprocess.run([sys.executable, "-m", "qlrlora.sft"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "python -m qlrlora.sft RECIPE.yaml" in result.stderr and "recipes/tiny_cpu.yaml" in result.stderr
+
+
+def test_missing_recipe_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qlrlora.sft", str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: recipe not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_yaml_syntax_error_names_the_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name_or_path: x\n  quantize: [nf4\n")
+    assert "bad.yaml: line 4" in error_of(capsys, bad) or "bad.yaml: line 3" in error_of(capsys, bad)
+
+
+def test_unknown_key_suggests_the_right_one(capsys):
+    err = error_of(capsys, TINY, "--adapter.rmax=8")
+    assert "unknown key 'adapter.rmax' (did you mean 'r_max'?)" in err
+    err = error_of(capsys, TINY, "--train.learning_rat=1e-4")
+    assert "unknown key 'train.learning_rat'" in err and "did you mean 'learning_rate'" in err
+    assert "unknown section 'trian'" in error_of(capsys, TINY, "--trian.max_steps=3")
+
+
+def test_wrong_types(capsys):
+    assert "adapter.r_max: expected an integer, got 'many' (str)" in error_of(capsys, TINY, "--adapter.r_max=many")
+    assert "train.learning_rate: expected a number, got 'fast'" in error_of(capsys, TINY, "--train.learning_rate=fast")
+    assert "train.bf16: expected true or false or null, got 2 (int)" in error_of(capsys, TINY, "--train.bf16=2")
+    assert "train.max_steps: expected an integer, got 2.5" in error_of(capsys, TINY, "--train.max_steps=2.5")
+
+
+def test_model_path_that_does_not_exist(capsys, tmp_path):
+    err = error_of(capsys, TINY, "--model.init_config=null", f"--model.name_or_path={tmp_path / 'missing'}")
+    assert "model.name_or_path:" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [("", "the dataset is empty"), ('{"question": "q", "answer": "a"}\n', "no known row format in columns")],
+)
+def test_unusable_datasets(capsys, tmp_path, rows, message):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(rows)
+    assert message in error_of(capsys, TINY, f"--data.dataset={data}", f"--output.dir={tmp_path / 'out'}")
+
+
+def test_overrides_are_typed_like_the_recipe(tmp_path):
+    from qlrlora.config import load_recipe
+
+    recipe = load_recipe(TINY, ["--train.learning_rate=2e-4", "--train.save_strategy=no", "--adapter.targets=[q_proj]",
+                                "--rank.budget_avg_rank=5"])
+    assert recipe.train["learning_rate"] == 2e-4 and recipe.train["save_strategy"] == "no"
+    assert recipe.adapter.targets == ["q_proj"] and recipe.rank.budget_avg_rank == 5.0
