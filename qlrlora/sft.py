@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(recipe: Recipe) -> Path:
-    """Train as the recipe says; returns the output directory holding the final adapter."""
+def run(recipe: Recipe):
+    """Train as the recipe says (outputs in recipe.output.dir); returns the trainer."""
     from qlrlora.evaluate import format_results
     from qlrlora.export import export_peft
     from qlrlora.report import format_rank_table
@@ -61,7 +61,7 @@ def run(recipe: Recipe) -> Path:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
     if not main_process:
-        return output_dir
+        return trainer
     dropped = export_peft(trainer.layers, output_dir / "peft_adapter", recipe.model.name_or_path)
     print(format_rank_table(trainer.controller.report()))
     if recipe.eval.after:
@@ -70,7 +70,7 @@ def run(recipe: Recipe) -> Path:
     print(f"LR-LoRA adapter, ranks.json and ranks.png: {output_dir.resolve()}")
     print(f"PEFT adapter (pruned to the learned ranks, largest dropped share {max(dropped.values()):.1e}): "
           f"{(output_dir / 'peft_adapter').resolve()}")
-    return output_dir
+    return trainer
 
 
 def _eval_questions(recipe: Recipe):
@@ -106,7 +106,7 @@ def build_trainer(recipe: Recipe):
         load_sft_dataset(recipe.data, recipe.data.eval_dataset, base_dir) if recipe.data.eval_dataset else None
     )
     args = _sft_config(recipe)
-    model, tokenizer = load_backbone(recipe.model)
+    model, tokenizer = load_backbone(recipe.model, device_map="cpu" if args.use_cpu else None)
     layers = inject_adapters(model, recipe.adapter)
     return QLRSFTTrainer(
         model=model,

@@ -100,10 +100,6 @@ class QLRSFTTrainer(SFTTrainer):
         self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
         return self.optimizer
 
-    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
-        self.controller.set_total_steps(num_training_steps)
-        super().create_optimizer_and_scheduler(num_training_steps)
-
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -175,6 +171,9 @@ class _RankStep(TrainerCallback):
 
     def __init__(self, trainer: QLRSFTTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.controller.set_total_steps(state.max_steps)  # known only now when training by epochs
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.controller.step()

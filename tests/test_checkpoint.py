@@ -34,7 +34,7 @@ def test_round_trip_gives_identical_outputs_and_ranks(tmp_path):
     assert meta["rank"]["budget_avg_rank"] == 2
     assert {n: float(m.rank.detach()) for n, m in loaded.items()} == {n: float(m.rank.detach()) for n, m in layers.items()}
     assert all(m.rank.dtype == torch.float32 and m.temperature == 0.3 for m in loaded.values())
-    ids = tokenizer(["a round trip"], return_tensors="pt")
+    ids = tokenizer(["a round trip"], return_tensors="pt").to(model.device)
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(model(**ids).logits, fresh(**ids).logits)

@@ -28,7 +28,7 @@ def by_hand(model, tokenizer, question):
         context = tokenizer(question.prompt)["input_ids"]
         whole = tokenizer(question.prompt + choice)["input_ids"]
         with torch.no_grad():
-            logprobs = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].float(), dim=-1)
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([whole], device=model.device)).logits[0].float(), dim=-1)
         scores.append(sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole))))
     return scores
 

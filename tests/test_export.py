@@ -41,7 +41,7 @@ def test_exported_adapter_reproduces_the_trained_model(tmp_path):
 
     base, _ = fp32_model()
     peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
-    ids = tokenizer(["export is exact", "or it is a bug"], return_tensors="pt", padding=True)
+    ids = tokenizer(["export is exact", "or it is a bug"], return_tensors="pt", padding=True).to(model.device)
     model.eval(), peft_model.eval()
     with torch.no_grad():
         ours, theirs = model(**ids).logits, peft_model(**ids).logits

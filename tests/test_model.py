@@ -13,8 +13,8 @@ def tiny(quantize="nf4"):
     return load_backbone(ModelConfig(init_config=TINY_LLAMA, quantize=quantize))
 
 
-def batch(tokenizer, n=2):
-    enc = tokenizer(["the quick brown fox", "jumps over the lazy dog"][:n], return_tensors="pt", padding=True)
+def batch(tokenizer, device, n=2):
+    enc = tokenizer(["the quick brown fox", "jumps over the lazy dog"][:n], return_tensors="pt", padding=True).to(device)
     return {**enc, "labels": enc["input_ids"].clone()}
 
 
@@ -44,7 +44,7 @@ def test_all_linear_injection_trains_only_adapters(quantize):
     ranks = [layer.rank for layer in layers.values()]
     factors = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
     optimizer = torch.optim.AdamW([{"params": factors, "lr": 1e-2}, {"params": ranks, "lr": 1e-2, "weight_decay": 0.0}])
-    inputs = batch(tokenizer)
+    inputs = batch(tokenizer, model.device)
     for _ in range(3):
         loss = model(**inputs).loss
         assert torch.isfinite(loss)
