@@ -53,6 +53,15 @@ def test_cost_reads_as_a_size_weighted_average_rank():
     assert float(mixed.regularizer()) == pytest.approx(float(mixed.cost()))
 
 
+def test_controller_and_layers_agree_on_hard_ranks():
+    named = layers([0.49, 2.5], r_max=16) | {
+        "model.layers.2.mlp.down_proj": LRLoRALinear(nn.Linear(8, 8), r_max=4, init_rank=4.0, alpha=1.0),
+        "model.layers.3.mlp.down_proj": LRLoRALinear(nn.Linear(8, 8), r_max=4, init_rank=3.49, alpha=1.0),
+    }
+    controller = RankController(named, RankConfig(mode="penalty"), 10)
+    assert controller.hard_ranks() == [m.hard_rank() for m in named.values()] == [0, 3, 4, 3]
+
+
 def test_regularizer_gradient_reaches_the_ranks_only():
     named = layers([4, 4])
     controller = RankController(named, RankConfig(mode="penalty", penalty=0.5), 10)
