@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 try:
     from bitsandbytes.nn import Linear4bit
@@ -37,6 +38,49 @@ class PrunedFactors:
     A: torch.Tensor  # (rank, in_features)
     B: torch.Tensor  # (out_features, rank)
     dropped_share: float  # ||delta_W of the dropped components|| / ||delta_W||, Frobenius
+
+
+class _MaskedLowRank(torch.autograd.Function):
+    """`s * ((x A^T) * m) B^T` with `m = sigmoid((rank - offsets) / temperature)`, as one autograd node.
+
+    Written out with torch ops this records about a dozen autograd nodes per layer (the mask's
+    arithmetic, casts, two matmuls, the scaling); with 200+ adapted layers a small model's step is
+    bound by launching them (docs/benchmarks/smollm2_commonsense.md). The arithmetic is the same:
+    matmuls in the factors' dtype, the mask and the rank's gradient in fp32. Autocast is off inside,
+    so the adapter computes in its own dtype whether or not the trainer runs under autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, rank, offsets, temperature, scaling):
+        with torch.autocast(x.device.type, enabled=False):
+            sig = torch.sigmoid((rank - offsets) / temperature)
+            m = (sig * scaling).to(A.dtype)
+            h = x @ A.t()
+            ctx.save_for_backward(x, A, B, h, sig, m)
+            ctx.temperature, ctx.scaling = temperature, scaling
+            return (h * m) @ B.t()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, A, B, h, sig, m = ctx.saved_tensors
+        need_x, need_A, need_B, need_rank = ctx.needs_input_grad[:4]
+        dx = dA = dB = drank = None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy = dy.reshape(-1, dy.shape[-1]).to(B.dtype)
+            h2 = h.reshape(-1, h.shape[-1])
+            dg = dy @ B
+            if need_B:
+                dB = dy.t() @ (h2 * m)
+            dh = dg * m
+            if need_A:
+                dA = dh.t() @ x.reshape(-1, x.shape[-1])
+            if need_x:
+                dx = (dh @ A).view(x.shape)
+            if need_rank:
+                dm = (dg * h2).sum(0, dtype=torch.float32)
+                drank = (dm * sig * (1 - sig)).sum() * (ctx.scaling / ctx.temperature)
+        return dx, dA, dB, drank, None, None, None
 
 
 class LRLoRALinear(nn.Module):
@@ -73,27 +117,30 @@ class LRLoRALinear(nn.Module):
         # Adam moves a parameter by about its learning rate per step: in bf16 a rank near 30 has a
         # resolution of 0.125, so small steps would round away. The rank is always fp32.
         self.rank = nn.Parameter(torch.tensor(float(init_rank), dtype=torch.float32, device=device))
+        self.register_buffer(
+            "offsets", torch.arange(r_max, dtype=torch.float32, device=device) + 0.5, persistent=False
+        )
         for p in self.base.parameters():
             p.requires_grad_(False)
 
     def rank_mask(self) -> torch.Tensor:
         """Soft mask over the ordered components, fp32, differentiable in `rank`."""
-        offsets = torch.arange(self.r_max, device=self.rank.device, dtype=torch.float32) + 0.5
-        return torch.sigmoid((self.rank.float() - offsets) / self.temperature)
+        return torch.sigmoid((self.rank.float() - self.offsets.float()) / self.temperature)
 
     def effective_rank(self) -> float:
         return float(self.rank_mask().detach().sum())
 
     def hard_rank(self) -> int:
         """Components whose mask is >= 0.5; what pruning keeps."""
-        offsets = torch.arange(self.r_max, device=self.rank.device, dtype=torch.float32) + 0.5
-        return int((self.rank.detach().float() >= offsets).sum())
+        return int((self.rank.detach().float() >= self.offsets.float()).sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
-        h = h * (self.rank_mask() * self.scaling).to(h.dtype)
-        return result + (h @ self.lora_B.t()).to(result.dtype)
+        delta = _MaskedLowRank.apply(
+            self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, self.rank, self.offsets.float(),
+            self.temperature, self.scaling,
+        )
+        return result + delta.to(result.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

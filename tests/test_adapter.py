@@ -144,3 +144,61 @@ def test_bad_ranks_are_rejected(kwargs, message):
 def test_only_linear_layers_can_be_wrapped():
     with pytest.raises(TypeError, match="nn.Linear or bitsandbytes Linear4bit"):
         LRLoRALinear(nn.Embedding(10, 8), r_max=2, init_rank=1, alpha=1.0)
+
+
+def reference_delta(layer: LRLoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """The adapter branch written out with plain torch ops, which autograd differentiates itself."""
+    mask = torch.sigmoid((layer.rank - torch.arange(layer.r_max, dtype=torch.float32) - 0.5) / layer.temperature)
+    h = x.to(layer.lora_A.dtype) @ layer.lora_A.t()
+    return (h * (mask * layer.scaling).to(h.dtype)) @ layer.lora_B.t()
+
+
+def test_fused_branch_passes_gradcheck_in_float64():
+    from qlrlora.adapter import _MaskedLowRank
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    rank = torch.tensor(2.7, dtype=torch.float64, requires_grad=True)
+    offsets = torch.arange(6, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lambda *t: _MaskedLowRank.apply(*t, offsets, 0.8, 1.3), (x, A, B, rank))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_branch_matches_plain_autograd(dtype):
+    torch.manual_seed(0)
+    layer = LRLoRALinear(nn.Linear(40, 24, bias=False), r_max=12, init_rank=5.4, alpha=6.0, dtype=dtype)
+    layer.temperature = 0.7
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.base.weight.zero_()  # the layer's output is its adapter branch alone
+    x = torch.randn(4, 9, 40, requires_grad=True)
+    upstream = torch.randn(4, 9, 24)
+
+    def grads(output):
+        params = (x, layer.lora_A, layer.lora_B, layer.rank)
+        return output, torch.autograd.grad((output.float() * upstream).sum(), params)
+
+    ours, our_grads = grads(layer(x))
+    theirs, their_grads = grads(reference_delta(layer, x).float())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.float(), theirs, **tol)
+    for name, a, b in zip(("x", "lora_A", "lora_B", "rank"), our_grads, their_grads):
+        assert a.dtype == b.dtype, name
+        scale = b.float().abs().max()
+        assert scale > 0, name
+        torch.testing.assert_close(a.float() / scale, b.float() / scale, **tol, msg=name)
+
+
+def test_fused_branch_ignores_autocast_and_computes_in_the_adapter_dtype():
+    torch.manual_seed(0)
+    layer = LRLoRALinear(nn.Linear(16, 8), r_max=4, init_rank=3, alpha=2.0, dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == layer.rank.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.lora_B.grad, torch.ones(2, 8).t() @ (x @ layer.lora_A.t() * layer.rank_mask() * layer.scaling).detach())
