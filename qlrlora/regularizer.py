@@ -130,6 +130,40 @@ class RankController:
         self.step_count += 1
         self._set_temperature()
 
+    def unreachable_budget(self, schedule_sum: float) -> str | None:
+        """Why the ranks cannot get down to the budget in this run, or None when they can.
+
+        Adam moves a rank by about `rank_lr` times the schedule's multiplier per step, however large
+        lambda grows, so over a run a rank travels at most about `rank_lr * schedule_sum`, where
+        `schedule_sum` is the sum of the rank group's learning-rate multipliers over all steps.
+        """
+        if self.budget is None or schedule_sum <= 0:
+            return None
+        travel = self.config.rank_lr * schedule_sum
+        lowest = self._cost_after_travel(travel)
+        if lowest <= self.budget:
+            return None
+        low, high = travel, float(self._exists.sum(dim=1).max())  # travelling r_max reaches any budget
+        for _ in range(40):  # bisection: the cost falls monotonically with the travel
+            middle = (low + high) / 2
+            if self._cost_after_travel(middle) <= self.budget:
+                high = middle
+            else:
+                low = middle
+        needed = high / schedule_sum
+        return (
+            f"rank.budget_*: out of reach: at rank.rank_lr={self.config.rank_lr:g} a rank moves by about "
+            f"{travel:.1f} over this run's learning-rate schedule, so the adapters end at an average rank of "
+            f"at least {lowest:.1f} against a budget of {self.budget:.1f}. Set rank.rank_lr to at least "
+            f"{needed:.3g} (more to reach the budget before the end), or adapter.init_rank nearer the budget."
+        )
+
+    @torch.no_grad()
+    def _cost_after_travel(self, travel: float) -> float:
+        r_max = self._exists.sum(dim=1)
+        ranks = torch.minimum((self.ranks() - travel).clamp(min=0), r_max)
+        return float((self._sizes * ranks).sum() / self.reference_params)
+
     def live_params(self) -> int:
         """Adapter parameters that pruning would keep (hard ranks)."""
         return sum((m.in_features + m.out_features) * r for m, r in zip(self.layers.values(), self.hard_ranks()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -173,11 +174,28 @@ class _RankStep(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.controller.set_total_steps(state.max_steps)  # known only now when training by epochs
+        trainer = self.trainer
+        trainer.controller.set_total_steps(state.max_steps)  # known only now when training by epochs
+        schedule_sum = _rank_schedule_sum(trainer, state.global_step, state.max_steps)
+        problem = trainer.controller.unreachable_budget(schedule_sum)
+        if problem and trainer.is_world_process_zero():
+            print(f"warning: {problem}", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.controller.step()
         self.trainer._steps_since_log += 1
+
+
+def _rank_schedule_sum(trainer: QLRSFTTrainer, first: int, steps: int) -> float:
+    """Sum of the rank group's learning-rate multipliers over steps first..steps-1 (1 each if unreadable)."""
+    scheduler = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)  # accelerate wraps it
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    rank = next(iter(trainer.layers.values())).rank
+    groups = trainer.optimizer.param_groups
+    index = next((i for i, g in enumerate(groups) if any(p is rank for p in g["params"])), None)
+    if lambdas is None or index is None:
+        return float(steps - first)
+    return sum(lambdas[index](step) for step in range(first, steps))
 
 
 @contextlib.contextmanager

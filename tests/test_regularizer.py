@@ -134,3 +134,24 @@ def test_state_round_trip_restores_lambda_and_temperature():
     fresh.load_state_dict(controller.state_dict())
     assert fresh.penalty == controller.penalty and fresh.temperature == controller.temperature
     assert all(m.temperature == controller.temperature for m in fresh.layers.values())
+
+
+def test_a_budget_out_of_reach_of_the_rank_learning_rate_is_explained():
+    named = layers([16, 16], r_max=32)
+    config = RankConfig(mode="budget", budget_avg_rank=8, rank_lr=0.01)
+    # Half of 575 steps at full rate (a cosine schedule's multipliers sum to about half the steps): the ranks
+    # can travel 2.875 from 16, as in the H200 run that ended at rank 13 (docs/benchmarks/smollm2_commonsense.md).
+    message = RankController(named, config, 575).unreachable_budget(287.5)
+    assert "rank.rank_lr=0.01" in message and "at least 13.1" in message and "budget of 8.0" in message
+    assert "rank.rank_lr to at least 0.0278" in message  # (16 - 8) / 287.5
+    assert RankController(named, RankConfig(mode="budget", budget_avg_rank=8, rank_lr=0.03), 575).unreachable_budget(287.5) is None
+    assert RankController(named, RankConfig(mode="penalty", penalty=1.0), 575).unreachable_budget(287.5) is None
+
+
+def test_the_needed_rank_learning_rate_accounts_for_layer_sizes_and_r_max():
+    named = layers([2, 6], r_max=16)  # sizes 64 and 128: cost (64 * 2 + 128 * 6) / 192 = 4.67
+    controller = RankController(named, RankConfig(mode="budget", budget_avg_rank=1, rank_lr=0.001), 100)
+    message = controller.unreachable_budget(100.0)
+    # Travelling t cuts both ranks by t until the first reaches 0: cost (64 * max(2 - t, 0) + 128 * (6 - t)) / 192 = 1
+    # at t = 4.5, so rank_lr = 4.5 / 100.
+    assert "rank.rank_lr to at least 0.045 " in message, message

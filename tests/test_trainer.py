@@ -172,3 +172,15 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     summary = json.loads((out / "ranks.json").read_text())["summary"]
     assert summary["processes"] == 2
     assert summary["rank_spread_across_processes"] == 0.0
+
+
+def test_training_warns_when_the_rank_learning_rate_cannot_reach_the_budget(tmp_path, capsys):
+    slow = tiny_recipe(tmp_path / "slow", rank={"rank_lr": 0.01, "budget_avg_rank": 1},
+                       train={"max_steps": 2, "lr_scheduler_type": "cosine", "save_strategy": "no"})
+    build_trainer(slow).train()
+    err = capsys.readouterr().err
+    # 2 cosine steps with multipliers 1 and 0.5: a rank can travel 0.015 from 4 toward the budget of 1.
+    assert "warning: rank.budget_*: out of reach" in err and "rank.rank_lr to at least 2 " in err, err[-2000:]
+    fast = tiny_recipe(tmp_path / "fast", rank={"rank_lr": 1.0}, train={"max_steps": 2, "save_strategy": "no"})
+    build_trainer(fast).train()  # 2 constant steps of 1.0 take the ranks from 4 to the budget of 3
+    assert "out of reach" not in capsys.readouterr().err
