@@ -29,6 +29,14 @@ class Holder(nn.Module):
         return self.proj(x)
 
 
+def trained_layer(base: nn.Module, **kwargs) -> LRLoRALinear:
+    """An LR-LoRA layer whose B is random, as after some training, so that its branch contributes."""
+    layer = LRLoRALinear(base, **kwargs)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
 @pytest.mark.parametrize("base_kind", ["bf16", "nf4"])
 def test_saturated_rank_equals_peft_rslora(base_kind):
     """Invariant 1: rank fixed at r_max and temperature -> 0 is rsLoRA of rank r_max (PEFT as reference)."""
@@ -66,9 +74,7 @@ def test_saturated_rank_equals_peft_rslora(base_kind):
 
 def test_bf16_adapter_matches_fp32_reference():
     torch.manual_seed(0)
-    layer = LRLoRALinear(nn.Linear(64, 32), r_max=16, init_rank=5.3, alpha=8.0, dtype=torch.bfloat16)
-    with torch.no_grad():
-        layer.lora_B.normal_()
+    layer = trained_layer(nn.Linear(64, 32), r_max=16, init_rank=5.3, alpha=8.0, dtype=torch.bfloat16)
     x = torch.randn(8, 64)
     mask = torch.sigmoid((5.3 - torch.arange(16) - 0.5) / layer.temperature)
     expected = layer.base(x) + (x @ layer.lora_A.float().t() * mask * layer.scaling) @ layer.lora_B.float().t()
@@ -193,9 +199,7 @@ def test_fused_branch_matches_plain_autograd(dtype):
 
 def test_fused_branch_ignores_autocast_and_computes_in_the_adapter_dtype():
     torch.manual_seed(0)
-    layer = LRLoRALinear(nn.Linear(16, 8), r_max=4, init_rank=3, alpha=2.0, dtype=torch.float32)
-    with torch.no_grad():
-        layer.lora_B.normal_()
+    layer = trained_layer(nn.Linear(16, 8), r_max=4, init_rank=3, alpha=2.0, dtype=torch.float32)
     x = torch.randn(2, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
