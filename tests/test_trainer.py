@@ -56,6 +56,13 @@ def test_cli_run_writes_adapter_ranks_plot_and_rank_metrics(tmp_path):
     assert rows[20]["task_loss"] == pytest.approx(rows[20]["loss"] - rows[20]["rank/regularizer"])
     assert list((out / "runs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert "learned hard ranks" in result.stdout and str(out) in result.stdout
+    # The export names a base that PEFT's auto class can load on its own (here the model built from the config).
+    from peft import AutoPeftModelForCausalLM
+
+    base = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_dir()
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(out / "peft_adapter")
+    assert peft_model.peft_config["default"].base_model_name_or_path == base
 
 
 def test_temperature_anneals_over_the_whole_run_when_training_by_epochs(tmp_path):
