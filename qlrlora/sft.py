@@ -110,7 +110,7 @@ def build_trainer(recipe: Recipe):
     args = _sft_config(recipe)
     model, tokenizer = load_backbone(recipe.model, device_map="cpu" if args.use_cpu else None)
     layers = inject_adapters(model, recipe.adapter)
-    return QLRSFTTrainer(
+    trainer = QLRSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_rows,
@@ -120,6 +120,21 @@ def build_trainer(recipe: Recipe):
         adapter_config=recipe.adapter,
         rank_config=recipe.rank,
     )
+    _report_dropped_rows(len(train_rows), trainer, args)
+    return trainer
+
+
+def _report_dropped_rows(given: int, trainer, args) -> None:
+    """TRL drops the rows whose prompt alone fills max_length (no completion token is left to learn from)."""
+    if args.packing or not hasattr(trainer.train_dataset, "__len__"):
+        return  # packed rows and streams do not count one-to-one
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise QLRError(f"data: the prompt of every one of the {given:,} training rows fills train.max_length="
+                       f"{args.max_length}; raise it")
+    if kept < given and trainer.is_world_process_zero():
+        print(f"data: {given - kept:,} of {given:,} training rows dropped: their prompt alone fills "
+              f"train.max_length={args.max_length}, leaving no completion token to learn from", file=sys.stderr)
 
 
 def _sft_config(recipe: Recipe):

@@ -1,5 +1,6 @@
 """The CLI's answer to bad input: one line on stderr, exit code 2, no traceback."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,26 @@ def test_overrides_are_typed_like_the_recipe(tmp_path):
                                 "--rank.budget_avg_rank=5"])
     assert recipe.train["learning_rate"] == 2e-4 and recipe.train["save_strategy"] == "no"
     assert recipe.adapter.targets == ["q_proj"] and recipe.rank.budget_avg_rank == 5.0
+
+
+def rows_file(tmp_path, prompts):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": " 7"}) + "\n" for p in prompts))
+    return path
+
+
+def test_rows_whose_prompt_fills_max_length_are_counted_when_dropped(tmp_path, capsys):
+    from qlrlora.sft import build_trainer
+    from tests.test_trainer import tiny_recipe
+
+    # Byte-level tokenizer: a 70-character prompt is more than the tiny recipe's 64 tokens.
+    prompts = ["Q: 3 + 4 ="] * 5 + ["Q: " + "1 + " * 17 + "0 ="] * 3
+    trainer = build_trainer(tiny_recipe(tmp_path, data={"dataset": str(rows_file(tmp_path, prompts))}))
+    assert len(trainer.train_dataset) == 5
+    assert "data: 3 of 8 training rows dropped: their prompt alone fills train.max_length=64" in capsys.readouterr().err
+
+
+def test_every_prompt_filling_max_length_is_an_error(tmp_path, capsys):
+    data = rows_file(tmp_path, ["Q: " + "1 + " * 17 + "0 ="] * 4)
+    err = error_of(capsys, TINY, f"--data.dataset={data}", f"--output.dir={tmp_path / 'out'}", "--train.report_to=none")
+    assert err == "error: data: the prompt of every one of the 4 training rows fills train.max_length=64; raise it"
