@@ -63,6 +63,7 @@ class RankController:
         r_max = torch.tensor([m.r_max for m in layers.values()], device=self.device)
         self._offsets = torch.arange(int(r_max.max()), device=self.device, dtype=torch.float32) + 0.5
         self._exists = self._offsets[None, :] < r_max[:, None]
+        self._r_max = r_max.float()
         self._ranks_by_r_max: dict[int, list[torch.Tensor]] = {}
         for m in layers.values():
             self._ranks_by_r_max.setdefault(m.r_max, []).append(m.rank)
@@ -143,7 +144,7 @@ class RankController:
         lowest = self._cost_after_travel(travel)
         if lowest <= self.budget:
             return None
-        low, high = travel, float(self._exists.sum(dim=1).max())  # travelling r_max reaches any budget
+        low, high = travel, float(self._r_max.max())  # travelling r_max reaches any budget
         for _ in range(40):  # bisection: the cost falls monotonically with the travel
             middle = (low + high) / 2
             if self._cost_after_travel(middle) <= self.budget:
@@ -160,8 +161,7 @@ class RankController:
 
     @torch.no_grad()
     def _cost_after_travel(self, travel: float) -> float:
-        r_max = self._exists.sum(dim=1)
-        ranks = torch.minimum((self.ranks() - travel).clamp(min=0), r_max)
+        ranks = torch.minimum((self.ranks() - travel).clamp(min=0), self._r_max)
         return float((self._sizes * ranks).sum() / self.reference_params)
 
     def live_params(self) -> int:

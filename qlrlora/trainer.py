@@ -162,7 +162,7 @@ class QLRSFTTrainer(SFTTrainer):
 
     def _rank_spread_across_processes(self) -> float:
         """Largest difference of any layer's rank between processes; 0 when DDP keeps them in sync."""
-        ranks = torch.stack([layer.rank.detach().float().reshape(()) for layer in self.layers.values()])
+        ranks = self.controller.ranks().detach()
         gathered = self.accelerator.gather(ranks.to(self.accelerator.device)[None])
         return float((gathered.max(dim=0).values - gathered.min(dim=0).values).max())
 

@@ -43,8 +43,8 @@ def test_tables_come_from_the_run_files(tmp_path):
     assert "hard ranks at the end: 1 at rank 2, 2 at rank 3, 1 at rank 5 (4 layers)" in out
     assert "soft ranks from 2.250 to 5.250" in out
     assert "| layer | q_proj | v_proj |" in out and "| 0 | 2 | 5 |" in out and "| 1 | 3 | 3 |" in out
-    assert "| first | 10 | 80.0 | 1,000 | 1.00 | 1.2 | 0.625 | 1,234 |" in out
-    assert "| second | 10 | 80.0 | 2,500 | 2.50 | 1.2 | - | - |" in out
+    assert "| first | 10 | 80.0 | 1,000 | 1.00 | 1.2 | 0.625 | 2 to 5 | 0.5 | 1,234 |" in out
+    assert "| second | 10 | 80.0 | 2,500 | 2.50 | 1.2 | - | - | - | - |" in out
 
 
 def test_missing_or_broken_files_name_the_file(tmp_path):

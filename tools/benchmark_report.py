@@ -85,7 +85,7 @@ def compare_table(entries: list[tuple[str, Path]]) -> str:
     header = ["run", "steps", "training s", "tokens/s", "x first", "peak allocated GiB"]
     evaluated = any((run_dir / "eval_after.json").exists() for _, run_dir in entries)
     ranked = any((run_dir / "ranks.json").exists() for _, run_dir in entries)
-    header += ["average accuracy after"] * evaluated + ["adapter params kept"] * ranked
+    header += ["average accuracy after"] * evaluated + ["hard ranks", "final lambda", "adapter params kept"] * ranked
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     base = _load(entries[0][1] / "benchmark.json")
     for label, run_dir in entries:
@@ -98,8 +98,15 @@ def compare_table(entries: list[tuple[str, Path]]) -> str:
             after = run_dir / "eval_after.json"
             cells.append(f"{_load(after)['average']:.3f}" if after.exists() else "-")
         if ranked:
-            ranks = run_dir / "ranks.json"
-            cells.append(f"{_load(ranks)['summary']['live_adapter_params']:,}" if ranks.exists() else "-")
+            path = run_dir / "ranks.json"
+            if path.exists():
+                ranks = _load(path)
+                hard = sorted({r["hard_rank"] for r in ranks["layers"]})
+                spread = str(hard[0]) if len(hard) == 1 else f"{hard[0]} to {hard[-1]}"
+                summary = ranks["summary"]
+                cells += [spread, f"{summary['lambda']:.3g}", f"{summary['live_adapter_params']:,}"]
+            else:
+                cells += ["-"] * 3
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
