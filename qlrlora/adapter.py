@@ -1,14 +1,26 @@
 """The LR-LoRA layer: a frozen linear base plus low-rank factors whose rank is learned.
 
-    y = W0 x + s * B diag(m) A dropout(x),   m_i = sigmoid((rank - i - 0.5) / temperature)
+    y = W0 x + s * B diag(m) A dropout(x),   m_i = 1 if rank > i + 0.5 else 0
 
-`rank` is one fp32 scalar per layer, trained by the optimizer like the factors. The mask is
-ordered: component i is on when rank > i + 0.5, so `sum(m)` tracks `rank` and pruning keeps a
-prefix. `s = alpha / sqrt(r_max)` is fixed (rank-stabilised), so a component's contribution does
-not change when the rank moves or when the layer is pruned.
+Every adapted layer has one continuous rank. The ranks of all layers of a model live in one fp32
+vector, `Ranks`, the single owner of everything rank: the values, the mask, the hard rank, the
+clamp and the temperature. A layer holds its factors and reads its entry of that vector. The mask
+is ordered, so pruning keeps a prefix of components, and `s = alpha / sqrt(r_max)` is fixed
+(rank-stabilised), so a component's contribution does not change when the rank moves.
 
-This module knows nothing of trainers or distribution; see regularizer.py for what pushes the rank
-down and trainer.py for how it is trained.
+The forward pass uses the hard mask: the adapter that trains is exactly the adapter that is
+exported, and no factor can make up for a half-open mask by growing (with a soft mask it did, and
+the rank stopped meaning anything). The rank's gradient is the straight-through one of the soft
+mask sigmoid((rank - i - 0.5) / temperature): the components within about one temperature of the
+boundary tell the rank whether switching them on or off lowers the loss. A component that is
+switched off keeps the factors it had, so "switch it back on" stays a meaningful question.
+
+The rank vector is deliberately not a parameter of the model: the trainer's optimizer, gradient
+clipping, DDP and FSDP never see it (FSDP's flat parameters need one dtype; an fp32 scalar among
+bf16 factors breaks that), and the rank controller (regularizer.py) updates it from its gradient.
+
+This module knows nothing of trainers or distribution; regularizer.py decides how the ranks move,
+trainer.py when.
 """
 
 from __future__ import annotations
@@ -33,37 +45,87 @@ def is_linear(module: nn.Module) -> bool:
 
 @dataclass
 class PrunedFactors:
-    """A layer cut to its hard rank. `B` already holds `scaling * mask`, so delta_W = B @ A."""
+    """A layer cut to its hard rank, exactly what its forward pass computes: delta_W = B @ A, scaling in B."""
 
     A: torch.Tensor  # (rank, in_features)
     B: torch.Tensor  # (out_features, rank)
-    dropped_share: float  # ||delta_W of the dropped components|| / ||delta_W||, Frobenius
+
+
+class Ranks:
+    """The continuous rank of every adapted layer of a model, as one fp32 vector, and its mask.
+
+    `values` is a leaf tensor with `requires_grad`: the layers' forward passes read it, so after a
+    backward pass `values.grad` holds the task's gradient for every rank at once.
+    """
+
+    def __init__(self, r_max: list[int], init: list[float], device=None, temperature: float = 1.0):
+        if len(r_max) != len(init) or not r_max:
+            raise ValueError("Ranks needs one r_max and one initial rank per layer")
+        for r, rank in zip(r_max, init):
+            if r < 1:
+                raise ValueError(f"r_max must be >= 1, got {r}")
+            if not 0 <= rank <= r:
+                raise ValueError(f"init_rank must be in [0, r_max={r}], got {rank}")
+        # Rank steps are ~1e-2: in bf16 a rank near 30 has a resolution of 0.125, so they would round away.
+        self.values = torch.tensor(init, dtype=torch.float32, device=device).requires_grad_()
+        self.r_max = torch.tensor(r_max, dtype=torch.float32, device=device)
+        self.offsets = torch.arange(max(r_max), dtype=torch.float32, device=device) + 0.5
+        self.exists = self.offsets[None, :] < self.r_max[:, None]
+        # Width, in components, of the window around the boundary whose components give the rank its gradient.
+        self.temperature = temperature
+
+    def __len__(self) -> int:
+        return self.values.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def hard(self) -> torch.Tensor:
+        """Components switched on per layer: round(rank) within [0, r_max]; what the forward uses and export keeps."""
+        with torch.no_grad():
+            return ((self.values[:, None] >= self.offsets) & self.exists).sum(dim=1)
+
+    def layer_mask(self, index: int) -> torch.Tensor:
+        """The 0/1 mask of one layer's components, fp32."""
+        r = int(self.r_max[index])
+        with torch.no_grad():
+            return (self.values[index] >= self.offsets[:r]).float()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.values.copy_(torch.minimum(self.values.clamp(min=0.0), self.r_max))
+
+    @torch.no_grad()
+    def snap_(self) -> None:
+        """Set every rank to its hard rank (the forward pass does not change)."""
+        self.values.copy_(self.hard().float())
 
 
 class _MaskedLowRank(torch.autograd.Function):
-    """`s * ((x A^T) * m) B^T` with `m = sigmoid((rank - offsets) / temperature)`, as one autograd node.
+    """`s * ((x A^T) * m) B^T` with the hard mask `m = rank > offsets`, as one autograd node.
 
+    The rank's gradient is straight-through: that of the soft mask sigmoid((rank - offsets) / temperature).
     Written out with torch ops this records about a dozen autograd nodes per layer (the mask's
     arithmetic, casts, two matmuls, the scaling); with 200+ adapted layers a small model's step is
-    bound by launching them (docs/benchmarks/smollm2_commonsense.md). The arithmetic is the same:
-    matmuls in the factors' dtype, the mask and the rank's gradient in fp32. Autocast is off inside,
-    so the adapter computes in its own dtype whether or not the trainer runs under autocast.
+    bound by launching them (docs/benchmarks/smollm2_commonsense.md). Matmuls run in the factors'
+    dtype, the mask and the rank's gradient in fp32. Autocast is off inside, so the adapter computes
+    in its own dtype whether or not the trainer runs under autocast.
     """
 
     @staticmethod
     def forward(ctx, x, A, B, rank, offsets, temperature, scaling):
         with torch.autocast(x.device.type, enabled=False):
-            sig = torch.sigmoid((rank - offsets) / temperature)
-            m = (sig * scaling).to(A.dtype)
+            on = (rank.detach() >= offsets).to(A.dtype) * scaling
             h = x @ A.t()
-            ctx.save_for_backward(x, A, B, h, sig, m)
+            ctx.save_for_backward(x, A, B, h, on, rank.detach(), offsets)
             ctx.temperature, ctx.scaling = temperature, scaling
-            return (h * m) @ B.t()
+            return (h * on) @ B.t()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, A, B, h, sig, m = ctx.saved_tensors
+        x, A, B, h, on, rank, offsets = ctx.saved_tensors
         need_x, need_A, need_B, need_rank = ctx.needs_input_grad[:4]
         dx = dA = dB = drank = None
         with torch.autocast(dy.device.type, enabled=False):
@@ -71,95 +133,95 @@ class _MaskedLowRank(torch.autograd.Function):
             h2 = h.reshape(-1, h.shape[-1])
             dg = dy @ B
             if need_B:
-                dB = dy.t() @ (h2 * m)
-            dh = dg * m
+                dB = dy.t() @ (h2 * on)
+            dh = dg * on
             if need_A:
                 dA = dh.t() @ x.reshape(-1, x.shape[-1])
             if need_x:
                 dx = (dh @ A).view(x.shape)
             if need_rank:
                 dm = (dg * h2).sum(0, dtype=torch.float32)
+                sig = torch.sigmoid((rank - offsets) / ctx.temperature)
                 drank = (dm * sig * (1 - sig)).sum() * (ctx.scaling / ctx.temperature)
         return dx, dA, dB, drank, None, None, None
 
 
 class LRLoRALinear(nn.Module):
-    """Wraps a frozen `nn.Linear` or NF4 `Linear4bit` with a learnable-rank adapter."""
+    """Wraps a frozen `nn.Linear` or NF4 `Linear4bit` with a learnable-rank adapter.
+
+    `ranks` / `index`: the model's rank vector and this layer's entry in it (model.py makes one for
+    all layers); without them the layer owns a vector of its own, starting at `init_rank` (default
+    r_max), for use on its own.
+    """
 
     def __init__(
         self,
         base: nn.Module,
         r_max: int,
-        init_rank: float,
         alpha: float,
+        init_rank: float | None = None,
         dropout: float = 0.0,
         dtype: torch.dtype = torch.bfloat16,
+        ranks: Ranks | None = None,
+        index: int = 0,
     ):
         super().__init__()
         if not is_linear(base):
             raise TypeError(f"LR-LoRA wraps nn.Linear or bitsandbytes Linear4bit, got {type(base).__name__}")
-        if r_max < 1:
-            raise ValueError(f"r_max must be >= 1, got {r_max}")
-        if not 0 <= init_rank <= r_max:
-            raise ValueError(f"init_rank must be in [0, r_max={r_max}], got {init_rank}")
+        device = base.weight.device
+        if ranks is None:
+            ranks, index = Ranks([r_max], [r_max if init_rank is None else init_rank], device=device), 0
+        elif int(ranks.r_max[index]) != r_max:
+            raise ValueError(f"ranks[{index}] has r_max {int(ranks.r_max[index])}, the layer {r_max}")
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.r_max = r_max
+        self.ranks = ranks
+        self.index = index
         self.scaling = alpha / math.sqrt(r_max)
-        self.temperature = 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = base.weight.device
         A = torch.empty(r_max, self.in_features, dtype=torch.float32, device=device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A = nn.Parameter(A.to(dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r_max, dtype=dtype, device=device))
-        # Adam moves a parameter by about its learning rate per step: in bf16 a rank near 30 has a
-        # resolution of 0.125, so small steps would round away. The rank is always fp32.
-        self.rank = nn.Parameter(torch.tensor(float(init_rank), dtype=torch.float32, device=device))
-        self.register_buffer(
-            "offsets", torch.arange(r_max, dtype=torch.float32, device=device) + 0.5, persistent=False
-        )
         for p in self.base.parameters():
             p.requires_grad_(False)
 
-    def rank_mask(self) -> torch.Tensor:
-        """Soft mask over the ordered components, fp32, differentiable in `rank`."""
-        return torch.sigmoid((self.rank.float() - self.offsets.float()) / self.temperature)
+    @property
+    def rank(self) -> torch.Tensor:
+        """This layer's continuous rank: a differentiable view into the model's rank vector."""
+        return self.ranks.values[self.index]
 
-    def effective_rank(self) -> float:
-        return float(self.rank_mask().detach().sum())
+    def rank_mask(self) -> torch.Tensor:
+        """The 0/1 mask over the ordered components, fp32."""
+        return self.ranks.layer_mask(self.index)
 
     def hard_rank(self) -> int:
-        """Components whose mask is >= 0.5; what pruning keeps."""
-        return int((self.rank.detach().float() >= self.offsets.float()).sum())
+        """Components switched on: what the forward pass uses and pruning keeps."""
+        return int(self.ranks.hard()[self.index])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         delta = _MaskedLowRank.apply(
-            self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, self.rank, self.offsets.float(),
-            self.temperature, self.scaling,
+            self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, self.rank,
+            self.ranks.offsets[: self.r_max], self.ranks.temperature, self.scaling,
         )
         return result + delta.to(result.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """The full update s * B diag(m) A, fp32, shape (out_features, in_features)."""
+        """The update s * B diag(m) A that the forward pass adds, fp32, shape (out_features, in_features)."""
         B = self.lora_B.float() * (self.rank_mask() * self.scaling)
         return B @ self.lora_A.float()
 
     @torch.no_grad()
     def pruned(self) -> PrunedFactors:
-        """Keep the first `hard_rank()` components with scale and mask folded into B."""
+        """The first `hard_rank()` components with the scaling folded into B."""
         r = self.hard_rank()
-        A = self.lora_A.float()
-        B = self.lora_B.float() * (self.rank_mask() * self.scaling)
-        # ||B A||_F^2 = sum((B^T B) * (A A^T)): r_max x r_max Gram matrices instead of a d x k product.
-        gram = (B.t() @ B) * (A @ A.t())
-        total = gram.sum().clamp(min=0)
-        dropped = gram[r:, r:].sum().clamp(min=0) if r < self.r_max else gram.new_zeros(())
-        share = float((dropped / total).sqrt()) if total > 0 else 0.0
-        return PrunedFactors(A=A[:r].contiguous(), B=B[:, :r].contiguous(), dropped_share=share)
+        return PrunedFactors(
+            A=self.lora_A[:r].float().contiguous(), B=(self.lora_B[:, :r].float() * self.scaling).contiguous()
+        )
 
     def extra_repr(self) -> str:
         return (

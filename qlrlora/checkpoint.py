@@ -44,7 +44,7 @@ def save_adapter(
         tensors[f"{name}.lora_B"] = layer.lora_B.detach().contiguous().cpu()
         tensors[f"{name}.rank"] = layer.rank.detach().float().reshape(()).cpu()
         modules[name] = {"r_max": layer.r_max, "in_features": layer.in_features, "out_features": layer.out_features}
-    temperature = next(iter(layers.values())).temperature
+    temperature = next(iter(layers.values())).ranks.temperature
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -90,12 +90,15 @@ def load_adapter(directory: str | Path, model: nn.Module) -> tuple[dict[str, LRL
         for name, layer in layers.items():
             for field in ("lora_A", "lora_B", "rank"):
                 saved = tensors.get(f"{name}.{field}")
-                param = getattr(layer, field)
-                if saved is None or saved.shape != param.shape:
+                target = getattr(layer, field)
+                if saved is None or saved.shape != target.shape:
                     got = "nothing" if saved is None else tuple(saved.shape)
-                    raise QLRError(f"{directory}: {name}.{field}: expected shape {tuple(param.shape)}, found {got}")
-                param.copy_(saved.to(param.dtype))
-            layer.temperature = meta["temperature"]
+                    raise QLRError(f"{directory}: {name}.{field}: expected shape {tuple(target.shape)}, found {got}")
+                if field == "rank":
+                    layer.ranks.values[layer.index] = saved.float()
+                else:
+                    target.copy_(saved.to(target.dtype))
+            layer.ranks.temperature = meta["temperature"]
     return layers, meta
 
 

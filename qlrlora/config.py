@@ -65,26 +65,34 @@ class AdapterConfig:
     # "all-linear" (every linear layer of the decoder blocks, not lm_head), or a list of module-name
     # suffixes such as q_proj / self_attn.o_proj, or "re:<regex>" entries matched against full names.
     targets: str | list[str] = "all-linear"
-    r_max: int = 64
-    init_rank: float = 16.0
+    r_max: int = 32
+    # Where every rank starts; unset: at r_max, so that every component trains before pruning starts.
+    init_rank: float | None = None
     alpha: float = 16.0
     dropout: float = 0.05
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     overrides: list[RankOverride] = field(default_factory=list)
+    # A ranks.json written by an earlier run: every module starts at the hard rank learned there
+    # (with rank.mode: fixed, plain LoRA with that run's allocation).
+    ranks_file: str | None = None
 
     def validate(self, where: str) -> None:
         if isinstance(self.targets, str) and self.targets != "all-linear":
             raise ConfigError(
                 f"{where}: adapter.targets: expected 'all-linear' or a list of module names, got {self.targets!r}"
             )
-        _check_ranks(where, "adapter", self.r_max, self.init_rank)
+        _check_ranks(where, "adapter", self.r_max, self.r_max if self.init_rank is None else self.init_rank)
         for i, o in enumerate(self.overrides):
             r_max = self.r_max if o.r_max is None else o.r_max
-            # Without its own init_rank, an override starts at the recipe's, clipped to its r_max.
-            init_rank = min(self.init_rank, r_max) if o.init_rank is None else o.init_rank
-            _check_ranks(where, f"adapter.overrides[{i}]", r_max, init_rank)
+            _check_ranks(where, f"adapter.overrides[{i}]", r_max, self.start_rank(r_max, o))
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{where}: adapter.dropout: expected a number in [0, 1), got {self.dropout}")
+
+    def start_rank(self, r_max: int, override: RankOverride | None = None) -> float:
+        """Initial rank of a layer with this r_max: the override's, else the recipe's clipped to r_max, else r_max."""
+        if override is not None and override.init_rank is not None:
+            return override.init_rank
+        return float(r_max) if self.init_rank is None else min(self.init_rank, r_max)
 
 
 def _check_ranks(where: str, prefix: str, r_max: int, init_rank: float) -> None:
@@ -96,35 +104,47 @@ def _check_ranks(where: str, prefix: str, r_max: int, init_rank: float) -> None:
 
 @dataclass
 class RankConfig:
-    mode: Literal["budget", "penalty"] = "budget"
-    # lambda: fixed in penalty mode, the starting value of the dual variable in budget mode.
+    # budget: spend a parameter budget, the optimizer decides where; penalty: a fixed price per parameter;
+    # fixed: the ranks never move (adapter.init_rank, or adapter.ranks_file, per layer), i.e. plain LoRA.
+    mode: Literal["budget", "penalty", "fixed"] = "budget"
+    # Penalty mode's lambda: a rank keeps shrinking while its task gradient, normalised by the root mean
+    # square over all ranks, is weaker than lambda times its layer's size relative to the average layer.
     penalty: float = 0.0
     # Budget mode: the adapter parameters to spend, as an average rank (the parameters of that rank
     # on every target) or as a count. Exactly one.
     budget_avg_rank: float | None = None
     budget_params: int | None = None
-    dual_lr: float = 0.03
-    tau_start: float = 1.0
-    tau_end: float = 0.05
-    # Steps over which the temperature anneals; all training steps when unset.
-    anneal_steps: int | None = None
-    rank_lr: float = 0.01
+    # How far a rank moves in one step per unit of normalised push (regularizer.py); ~0.05 moves a rank
+    # by a few components over a few hundred steps.
+    rank_lr: float = 0.05
+    # Width, in components, of the window around each rank's boundary whose components give the rank
+    # its gradient (the temperature of the soft mask whose straight-through gradient the rank gets).
+    temperature: float = 1.0
+    # Fractions of the optimizer steps: the ranks stay put until warmup_fraction (every component
+    # trains first), move until freeze_fraction, then freeze at their hard ranks.
+    warmup_fraction: float = 0.1
+    freeze_fraction: float = 0.7
 
     def validate(self, where: str) -> None:
         if self.mode == "budget" and (self.budget_avg_rank is None) == (self.budget_params is None):
             raise ConfigError(f"{where}: rank: budget mode needs exactly one of budget_avg_rank and budget_params")
-        if self.mode == "penalty" and (self.budget_avg_rank is not None or self.budget_params is not None):
+        if self.mode != "budget" and (self.budget_avg_rank is not None or self.budget_params is not None):
             raise ConfigError(f"{where}: rank: budget_avg_rank / budget_params need mode: budget")
-        for name in ("penalty", "dual_lr", "rank_lr"):
+        for name in ("penalty", "rank_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}: rank.{name}: expected a number >= 0, got {getattr(self, name)}")
         if self.budget_avg_rank is not None and self.budget_avg_rank <= 0:
             raise ConfigError(f"{where}: rank.budget_avg_rank: expected a number > 0, got {self.budget_avg_rank}")
         if self.budget_params is not None and self.budget_params <= 0:
             raise ConfigError(f"{where}: rank.budget_params: expected an integer > 0, got {self.budget_params}")
-        if not 0 < self.tau_end <= self.tau_start:
+        if self.temperature <= 0:
+            raise ConfigError(f"{where}: rank.temperature: expected a number > 0, got {self.temperature}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"{where}: rank.warmup_fraction: expected a number in [0, 1), got {self.warmup_fraction}")
+        if not self.warmup_fraction <= self.freeze_fraction <= 1:
             raise ConfigError(
-                f"{where}: rank.tau_end: expected 0 < tau_end <= tau_start={self.tau_start}, got {self.tau_end}"
+                f"{where}: rank.freeze_fraction: expected a number in [warmup_fraction={self.warmup_fraction}, 1], "
+                f"got {self.freeze_fraction}"
             )
 
 

@@ -1,8 +1,8 @@
 """Export a trained LR-LoRA adapter in PEFT's LoRA format, pruned to the learned ranks.
 
-Each layer keeps its first `hard_rank` components; `alpha / sqrt(r_max)` and the mask are folded into
-B, and each layer's lora_alpha equals its rank so PEFT's scaling (alpha / r) is 1. Layers whose
-learned rank is 0 get no adapter. The result loads with `peft.PeftModel.from_pretrained` and in
+Each layer keeps its first `hard_rank` components, exactly those its forward pass used;
+`alpha / sqrt(r_max)` is folded into B, and each layer's lora_alpha equals its rank so PEFT's
+scaling (alpha / r) is 1. Layers whose learned rank is 0 get no adapter. The result loads with `peft.PeftModel.from_pretrained` and in
 servers that read PEFT adapters (vLLM, llama.cpp's converter). Training writes one into
 <output.dir>/peft_adapter at the end.
 """
@@ -20,11 +20,10 @@ from qlrlora.io import atomic_directory
 
 
 def export_peft(layers: dict[str, LRLoRALinear], out_dir: str | Path, base_model: str | None = None) -> dict:
-    """Write adapter_config.json + adapter_model.safetensors; returns {module: dropped share}."""
-    tensors, ranks, dropped = {}, {}, {}
+    """Write adapter_config.json + adapter_model.safetensors; returns {module: exported rank} (rank > 0 only)."""
+    tensors, ranks = {}, {}
     for name, layer in layers.items():
         pruned = layer.pruned()
-        dropped[name] = pruned.dropped_share
         r = pruned.A.shape[0]
         if r == 0:
             continue
@@ -57,8 +56,7 @@ def export_peft(layers: dict[str, LRLoRALinear], out_dir: str | Path, base_model
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "dropped_share.json").write_text(json.dumps(dropped, indent=2) + "\n")
 
     atomic_directory(out_dir, fill)
-    return dropped
+    return ranks
 

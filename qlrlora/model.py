@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlrlora.adapter import LRLoRALinear, is_linear
+from qlrlora.adapter import LRLoRALinear, Ranks, is_linear
 from qlrlora.config import AdapterConfig, ConfigError, ModelConfig, did_you_mean, torch_dtype
 from qlrlora.errors import QLRError
 
@@ -105,21 +106,27 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, where: str = "adapt
 def wrap_modules(
     model: nn.Module, ranks: dict[str, tuple[int, float]], config: AdapterConfig
 ) -> dict[str, LRLoRALinear]:
-    """Freeze the model and wrap each named linear layer; `ranks` maps a name to (r_max, init_rank)."""
+    """Freeze the model and wrap each named linear layer; `ranks` maps a name to (r_max, init_rank).
+
+    The layers share one rank vector (adapter.Ranks), in the order of `ranks`."""
     for p in model.parameters():
         p.requires_grad_(False)
     dtype = torch_dtype(config.dtype)
+    bases = {name: model.get_submodule(name) for name in ranks}
+    device = next(iter(bases.values())).weight.device
+    shared = Ranks([r for r, _ in ranks.values()], [rank for _, rank in ranks.values()], device=device)
     layers = {}
-    for name, (r_max, init_rank) in ranks.items():
+    for index, (name, (r_max, _)) in enumerate(ranks.items()):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = LRLoRALinear(
-            getattr(parent, child),
+            bases[name],
             r_max=r_max,
-            init_rank=init_rank,
             alpha=config.alpha,
             dropout=config.dropout,
             dtype=dtype,
+            ranks=shared,
+            index=index,
         )
         setattr(parent, child, layer)
         layers[name] = layer
@@ -144,7 +151,7 @@ def resolve_targets(model: nn.Module, targets: str | list[str], where: str = "ad
     chosen = []
     for entry in targets:
         if entry.startswith("re:"):
-            pattern = re.compile(entry[3:])
+            pattern = _compile(entry[3:], f"{where}.targets")
             matched = [n for n in modules if pattern.fullmatch(n)]
         else:
             matched = [n for n in modules if n == entry or n.endswith("." + entry)]
@@ -166,20 +173,48 @@ def resolve_targets(model: nn.Module, targets: str | list[str], where: str = "ad
 
 
 def _resolve_overrides(names: list[str], config: AdapterConfig, where: str) -> dict[str, tuple[int, float]]:
-    patterns = [(i, re.compile(o.pattern), o) for i, o in enumerate(config.overrides)]
+    patterns = [(i, _compile(o.pattern, f"{where}.overrides[{i}].pattern"), o) for i, o in enumerate(config.overrides)]
+    learned = _learned_ranks(config.ranks_file, where) if config.ranks_file else None
     used = set()
     result = {}
     for name in names:
-        r_max, init_rank = config.r_max, config.init_rank
+        r_max, init_rank = config.r_max, config.start_rank(config.r_max)
         for i, pattern, override in patterns:
             if pattern.search(name):
                 used.add(i)
                 r_max = override.r_max if override.r_max is not None else r_max
-                init_rank = override.init_rank if override.init_rank is not None else min(init_rank, r_max)
+                init_rank = config.start_rank(r_max, override)
                 break
+        if learned is not None:
+            if name not in learned:
+                raise ConfigError(f"{where}.ranks_file: {config.ranks_file} has no rank for {name}")
+            if learned[name] > r_max:
+                raise ConfigError(
+                    f"{where}.ranks_file: {config.ranks_file} gives {name} rank {learned[name]}, over its r_max {r_max}"
+                )
+            init_rank = float(learned[name])
         result[name] = (r_max, init_rank)
     for i, _, override in patterns:
         if i not in used:
             raise ConfigError(f"{where}.overrides[{i}].pattern: {override.pattern!r} matches none of the targeted modules")
     return result
 
+
+def _compile(pattern: str, field: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{field}: {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def _learned_ranks(path: str, where: str) -> dict[str, int]:
+    """module -> hard rank from a ranks.json that a run wrote."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{where}.ranks_file: {path} does not exist (expected the ranks.json of a run)")
+    try:
+        rows = json.loads(file.read_text())["layers"]
+        return {row["module"]: int(row["hard_rank"]) for row in rows}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{where}.ranks_file: {path}: expected a ranks.json with layers[].module and "
+                          f"layers[].hard_rank ({type(e).__name__}: {e})") from None

@@ -1,33 +1,83 @@
-"""The rank report: learned rank per adapted layer as ranks.json and a plot, ranks.png."""
+"""The rank report: learned rank per adapted layer as ranks.json, a plot (ranks.png) and a table.
+
+What the trainer logs and the benchmark reads about ranks is computed here, from the layers and the
+controller's state; the controller (regularizer.py) only moves the ranks.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from qlrlora.adapter import LRLoRALinear
 from qlrlora.io import atomic_write, atomic_write_json
+from qlrlora.model import layer_index, module_kind
 from qlrlora.regularizer import RankController
 
 KIND_COLORS = {"attention": "tab:blue", "mlp": "tab:orange", "other": "tab:gray"}
 MARKERS = "os^vDPX*hp<>"
 
 
-def rank_summary(controller: RankController) -> dict:
+@dataclass
+class LayerRank:
+    """One adapted layer as the rank report shows it."""
+
+    module: str
+    kind: str  # attention | mlp | other
+    layer: int | None
+    r_max: int
+    rank: float
+    hard_rank: int
+    in_features: int
+    out_features: int
+
+    @property
+    def params(self) -> int:
+        return (self.in_features + self.out_features) * self.hard_rank
+
+
+def layer_ranks(layers: dict[str, LRLoRALinear]) -> list[LayerRank]:
+    ranks = next(iter(layers.values())).ranks
+    values, hard = ranks.values.detach().cpu().tolist(), ranks.hard().cpu().tolist()
+    return [
+        LayerRank(
+            module=name,
+            kind=module_kind(name),
+            layer=layer_index(name),
+            r_max=m.r_max,
+            rank=values[m.index],
+            hard_rank=hard[m.index],
+            in_features=m.in_features,
+            out_features=m.out_features,
+        )
+        for name, m in layers.items()
+    ]
+
+
+def mean_rank(rows: list[LayerRank], kind: str) -> float | None:
+    ranks = [r.rank for r in rows if r.kind == kind]
+    return sum(ranks) / len(ranks) if ranks else None
+
+
+def rank_summary(controller: RankController, rows: list[LayerRank] | None = None) -> dict:
+    rows = layer_ranks(controller.layers) if rows is None else rows
     return {
-        "mean_rank_attention": controller.mean_rank("attention"),
-        "mean_rank_mlp": controller.mean_rank("mlp"),
+        "mean_rank_attention": mean_rank(rows, "attention"),
+        "mean_rank_mlp": mean_rank(rows, "mlp"),
         "live_adapter_params": controller.live_params(),
         "budget_adapter_params": controller.budget_params(),
         "lambda": controller.penalty,
-        "temperature": controller.temperature,
+        "temperature": controller.ranks.temperature,
+        "phase": controller.phase,
         "step": controller.step_count,
     }
 
 
 def write_rank_report(directory: str | Path, controller: RankController, extra: dict | None = None) -> None:
     directory = Path(directory)
-    layers = controller.report()
+    rows = layer_ranks(controller.layers)
     data = {
-        "summary": {**rank_summary(controller), **(extra or {})},
+        "summary": {**rank_summary(controller, rows), **(extra or {})},
         "layers": [
             {
                 "module": r.module,
@@ -36,12 +86,14 @@ def write_rank_report(directory: str | Path, controller: RankController, extra: 
                 "r_max": r.r_max,
                 "rank": round(r.rank, 4),
                 "hard_rank": r.hard_rank,
+                "in_features": r.in_features,
+                "out_features": r.out_features,
             }
-            for r in layers
+            for r in rows
         ],
     }
     atomic_write_json(directory / "ranks.json", data)
-    atomic_write(directory / "ranks.png", lambda tmp: _plot(layers, data["summary"], tmp))
+    atomic_write(directory / "ranks.png", lambda tmp: _plot(rows, data["summary"], tmp))
 
 
 def _plot(layers, summary: dict, path: Path) -> None:
@@ -81,7 +133,6 @@ def _plot(layers, summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
-
 
 
 def format_rank_table(layers) -> str:

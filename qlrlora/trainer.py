@@ -1,12 +1,11 @@
-"""QLRSFTTrainer: TRL's SFTTrainer plus the rank regulariser, rank logging and LR-LoRA checkpoints.
+"""QLRSFTTrainer: TRL's SFTTrainer plus rank control, rank logging and LR-LoRA checkpoints.
 
 What it adds to SFTTrainer, and where:
-- `compute_loss`: adds lambda * cost once per optimizer step's worth of loss, whatever the gradient
-  accumulation and TRL's num_items_in_batch normalisation;
-- `create_optimizer`: a separate group for the ranks (`rank.rank_lr`, no weight decay);
-- `__init__`: keeps the ranks (and fp32 factors) in their dtype although SFTTrainer casts the trainable
+- `__init__`: the rank controller; keeps fp32 factors in fp32 although SFTTrainer casts the trainable
   parameters of quantized models to bf16;
-- `_RankStep` callback: steps the budget controller and the temperature after every optimizer step;
+- `_RankStep` callback, before every optimizer step: the controller moves the ranks from their
+  gradient (averaged over data-parallel processes, fp16 loss scale removed) and clears it. The
+  ranks are not model parameters, so the optimizer, gradient clipping and DDP never touch them;
 - `log`: rank metrics at every logging step (console, TensorBoard, trainer_state.json);
 - `_save` / `_load_from_checkpoint`: the adapter as safetensors + JSON with ranks.json and ranks.png,
   instead of a copy of the whole quantized model, and an exact resume.
@@ -30,7 +29,7 @@ from qlrlora.config import AdapterConfig, RankConfig
 from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write_json
 from qlrlora.regularizer import RankController
-from qlrlora.report import write_rank_report
+from qlrlora.report import layer_ranks, mean_rank, write_rank_report
 
 COMPLETE_MARKER = "qlrlora-complete.json"
 
@@ -56,68 +55,22 @@ class QLRSFTTrainer(SFTTrainer):
         self.adapter_config = adapter_config
         self.rank_config = rank_config
         self.controller = RankController(layers, rank_config, total_steps=max(self.args.max_steps, 1))
-        self._regularizer_since_log = 0.0
-        self._steps_since_log = 0
         self.add_callback(_RankStep(self))
-
-    # ------------------------------------------------------------------ loss and optimizer
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if not model.training or self.controller.penalty == 0:
-            return result
-        loss, outputs = result if return_outputs else (result, None)
-        # Trainer divides the returned loss by the accumulation steps unless it is already normalised over the
-        # whole accumulated batch (num_items_in_batch); the regulariser must count once per optimizer step.
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None
-            )
-        steps = self.current_gradient_accumulation_steps
-        regularizer = self.controller.regularizer().to(loss.device)
-        loss = loss + (1.0 / steps if scaled else 1.0) * regularizer
-        # What this micro-batch adds to the logged loss (Trainer divides unscaled losses by the steps).
-        self._regularizer_since_log = self._regularizer_since_log + regularizer.detach() / steps
-        return (loss, outputs) if return_outputs else loss
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is not None:
-            return self.optimizer
-        model = self.model if model is None else model
-        rank_ids = {id(layer.rank) for layer in self.layers.values()}
-        decay = set(self.get_decay_parameter_names(model))
-        groups = [
-            {"params": [], "weight_decay": self.args.weight_decay},
-            {"params": [], "weight_decay": 0.0},
-            {"params": [], "weight_decay": 0.0, "lr": self.rank_config.rank_lr},
-        ]
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            index = 2 if id(param) in rank_ids else (0 if name in decay else 1)
-            groups[index]["params"].append(param)
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-        self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
-        return self.optimizer
 
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             c = self.controller
-            # `loss` is what is minimised (task loss + regulariser), averaged per optimizer step like Trainer's.
-            regularizer = float(self._regularizer_since_log) / max(self._steps_since_log, 1)
-            self._regularizer_since_log = 0.0
-            self._steps_since_log = 0
+            rows = layer_ranks(self.layers)
             logs.update(
                 {
-                    "task_loss": logs["loss"] - regularizer,
-                    "rank/regularizer": regularizer,
+                    "rank/cost": c.cost(),
+                    "rank/target": c.target(),
                     "rank/lambda": c.penalty,
-                    "rank/temperature": c.temperature,
-                    "rank/mean_attention": c.mean_rank("attention"),
-                    "rank/mean_mlp": c.mean_rank("mlp"),
+                    "rank/mean_attention": mean_rank(rows, "attention"),
+                    "rank/mean_mlp": mean_rank(rows, "mlp"),
+                    "rank/spread": _coefficient_of_variation([r.rank for r in rows]),
                     "rank/live_params": c.live_params(),
                 }
             )
@@ -162,13 +115,13 @@ class QLRSFTTrainer(SFTTrainer):
 
     def _rank_spread_across_processes(self) -> float:
         """Largest difference of any layer's rank between processes; 0 when DDP keeps them in sync."""
-        ranks = self.controller.ranks().detach()
+        ranks = self.controller.ranks.values.detach()
         gathered = self.accelerator.gather(ranks.to(self.accelerator.device)[None])
         return float((gathered.max(dim=0).values - gathered.min(dim=0).values).max())
 
 
 class _RankStep(TrainerCallback):
-    """After each optimizer step: dual update of lambda, rank clamping, temperature for the next step."""
+    """Before each optimizer step the controller moves the ranks from this step's gradient."""
 
     def __init__(self, trainer: QLRSFTTrainer):
         self.trainer = trainer
@@ -176,26 +129,24 @@ class _RankStep(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
         trainer.controller.set_total_steps(state.max_steps)  # known only now when training by epochs
-        schedule_sum = _rank_schedule_sum(trainer, state.global_step, state.max_steps)
-        problem = trainer.controller.unreachable_budget(schedule_sum)
+        problem = trainer.controller.unreachable_budget()
         if problem and trainer.is_world_process_zero():
             print(f"warning: {problem}", file=sys.stderr, flush=True)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.controller.step()
-        self.trainer._steps_since_log += 1
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        accelerator = self.trainer.accelerator
+        scaler = getattr(accelerator, "scaler", None)
+        self.trainer.controller.step(
+            reduce=(lambda t: accelerator.reduce(t, reduction="mean")) if accelerator.num_processes > 1 else None,
+            grad_scale=float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0,
+        )
 
 
-def _rank_schedule_sum(trainer: QLRSFTTrainer, first: int, steps: int) -> float:
-    """Sum of the rank group's learning-rate multipliers over steps first..steps-1 (1 each if unreadable)."""
-    scheduler = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)  # accelerate wraps it
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    rank = next(iter(trainer.layers.values())).rank
-    groups = trainer.optimizer.param_groups
-    index = next((i for i, g in enumerate(groups) if any(p is rank for p in g["params"])), None)
-    if lambdas is None or index is None:
-        return float(steps - first)
-    return sum(lambdas[index](step) for step in range(first, steps))
+def _coefficient_of_variation(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    if mean == 0:
+        return 0.0
+    return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5 / mean
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,12 +33,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def make_wheel(folder, name: str, version: str, files: dict) -> "Path":
+def make_wheel(folder, name: str, version: str, files: dict) -> Path:
     """A minimal wheel with a RECORD of sha256 hashes, as pip download would fetch it."""
     import base64
     import hashlib
     import zipfile
-    from pathlib import Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,6 @@ def test_saturated_rank_equals_peft_rslora(base_kind):
     if base_kind == "bf16":
         reference.base_model.model.proj.base_layer.load_state_dict(linear.state_dict())
     layer = LRLoRALinear(base, r_max=r_max, init_rank=r_max, alpha=alpha, dtype=torch.float32)
-    layer.temperature = 1e-3
     with torch.no_grad():
         layer.lora_B.normal_()
         peft_proj = reference.base_model.model.proj
@@ -72,11 +71,12 @@ def test_saturated_rank_equals_peft_rslora(base_kind):
     assert delta > 0.1  # the adapter really contributes, so the comparison means something
 
 
-def test_bf16_adapter_matches_fp32_reference():
+def test_bf16_adapter_matches_fp32_reference_with_the_hard_mask():
     torch.manual_seed(0)
     layer = trained_layer(nn.Linear(64, 32), r_max=16, init_rank=5.3, alpha=8.0, dtype=torch.bfloat16)
     x = torch.randn(8, 64)
-    mask = torch.sigmoid((5.3 - torch.arange(16) - 0.5) / layer.temperature)
+    mask = (torch.arange(16) < 5).float()  # rank 5.3: components 0..4 on, the rest off
+    assert torch.equal(layer.rank_mask(), mask)
     expected = layer.base(x) + (x @ layer.lora_A.float().t() * mask * layer.scaling) @ layer.lora_B.float().t()
     torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
 
@@ -89,53 +89,40 @@ def test_rank_is_fp32_and_gets_gradient_with_bf16_factors():
     with torch.no_grad():
         layer.lora_B.normal_()
     layer(torch.randn(4, 32, dtype=torch.bfloat16)).float().pow(2).sum().backward()
-    assert layer.rank.grad is not None and layer.rank.grad.dtype == torch.float32
-    assert layer.rank.grad.abs() > 0
+    grad = layer.ranks.values.grad
+    assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0
     assert all(not p.requires_grad for p in layer.base.parameters())
+    assert not any(p is layer.ranks.values for p in layer.parameters())  # not a parameter of the model
 
 
-def test_effective_and_hard_rank():
+def test_hard_rank_rounds_the_continuous_rank():
     layer = LRLoRALinear(nn.Linear(16, 16), r_max=12, init_rank=5.3, alpha=1.0)
     assert layer.hard_rank() == 5
-    layer.temperature = 1.0
-    assert layer.effective_rank() == pytest.approx(5.3, abs=0.05)  # sum of the mask tracks the rank
-    layer.temperature = 0.01
-    assert layer.effective_rank() == pytest.approx(5.0, abs=1e-3)
-    with torch.no_grad():
-        layer.rank.fill_(0.49)
-    assert layer.hard_rank() == 0
-    with torch.no_grad():
-        layer.rank.fill_(12.0)
-    assert layer.hard_rank() == 12
+    for value, hard in ((0.49, 0), (0.5, 1), (5.5, 6), (11.7, 12), (12.0, 12)):
+        with torch.no_grad():
+            layer.ranks.values.fill_(value)
+        assert layer.hard_rank() == hard == int(layer.rank_mask().sum())
 
 
-def test_pruned_factors_fold_scale_and_mask_and_report_dropped_share():
+def test_the_forward_uses_exactly_the_components_pruning_keeps():
     torch.manual_seed(0)
-    layer = LRLoRALinear(nn.Linear(48, 40), r_max=10, init_rank=4.2, alpha=3.0, dtype=torch.float32)
-    layer.temperature = 0.5  # soft: the components past the hard rank still carry a little
-    with torch.no_grad():
-        layer.lora_B.normal_()
+    layer = trained_layer(nn.Linear(48, 40), r_max=10, init_rank=4.2, alpha=3.0, dtype=torch.float32)
     pruned = layer.pruned()
-    r = layer.hard_rank()
-    assert r == 4 and pruned.A.shape == (4, 48) and pruned.B.shape == (40, 4)
-    full = layer.delta_weight()
-    kept = pruned.B @ pruned.A
-    expected_share = float((full - kept).norm() / full.norm())
-    assert pruned.dropped_share == pytest.approx(expected_share, rel=1e-4)
-    assert 0 < pruned.dropped_share < 1
-    # Near-binary masks: pruning is lossless and the pruned factors reproduce the layer.
-    layer.temperature = 1e-3
-    pruned = layer.pruned()
-    assert pruned.dropped_share < 1e-6
+    assert pruned.A.shape == (4, 48) and pruned.B.shape == (40, 4)
+    torch.testing.assert_close(pruned.B @ pruned.A, layer.delta_weight())
     x = torch.randn(5, 48)
+    torch.testing.assert_close(layer(x), layer.base(x) + x @ pruned.A.t() @ pruned.B.t(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer.lora_B[:, 4:].add_(100.0)  # components past the hard rank have no effect on the output
     torch.testing.assert_close(layer(x), layer.base(x) + x @ pruned.A.t() @ pruned.B.t(), rtol=1e-5, atol=1e-5)
 
 
 def test_rank_zero_layer_prunes_to_nothing():
     layer = LRLoRALinear(nn.Linear(8, 8), r_max=4, init_rank=0.0, alpha=1.0)
-    layer.temperature = 1e-3
     pruned = layer.pruned()
-    assert pruned.A.shape == (0, 8) and pruned.B.shape == (8, 0) and pruned.dropped_share == 0.0
+    assert pruned.A.shape == (0, 8) and pruned.B.shape == (8, 0)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), layer.base(x))
 
 
 @pytest.mark.parametrize(
@@ -153,29 +140,31 @@ def test_only_linear_layers_can_be_wrapped():
 
 
 def reference_delta(layer: LRLoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The adapter branch written out with plain torch ops, which autograd differentiates itself."""
-    mask = torch.sigmoid((layer.rank - torch.arange(layer.r_max, dtype=torch.float32) - 0.5) / layer.temperature)
+    """The adapter branch written out with plain torch ops: hard mask forward, the soft mask's gradient."""
+    soft = torch.sigmoid((layer.rank - torch.arange(layer.r_max, dtype=torch.float32) - 0.5) / layer.ranks.temperature)
+    mask = layer.rank_mask() + soft - soft.detach()  # straight-through: the value of the hard mask
     h = x.to(layer.lora_A.dtype) @ layer.lora_A.t()
     return (h * (mask * layer.scaling).to(h.dtype)) @ layer.lora_B.t()
 
 
 def test_fused_branch_passes_gradcheck_in_float64():
+    """The factors' and input's gradients are exact; the rank's is the straight-through one (checked below)."""
     from qlrlora.adapter import _MaskedLowRank
 
     torch.manual_seed(0)
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
     A = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
     B = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
-    rank = torch.tensor(2.7, dtype=torch.float64, requires_grad=True)
+    rank = torch.tensor(2.7, dtype=torch.float64)
     offsets = torch.arange(6, dtype=torch.float64) + 0.5
-    assert torch.autograd.gradcheck(lambda *t: _MaskedLowRank.apply(*t, offsets, 0.8, 1.3), (x, A, B, rank))
+    assert torch.autograd.gradcheck(lambda *t: _MaskedLowRank.apply(*t, rank, offsets, 0.8, 1.3), (x, A, B))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_branch_matches_plain_autograd(dtype):
     torch.manual_seed(0)
     layer = LRLoRALinear(nn.Linear(40, 24, bias=False), r_max=12, init_rank=5.4, alpha=6.0, dtype=dtype)
-    layer.temperature = 0.7
+    layer.ranks.temperature = 0.7
     with torch.no_grad():
         layer.lora_B.normal_()
         layer.base.weight.zero_()  # the layer's output is its adapter branch alone
@@ -183,7 +172,7 @@ def test_fused_branch_matches_plain_autograd(dtype):
     upstream = torch.randn(4, 9, 24)
 
     def grads(output):
-        params = (x, layer.lora_A, layer.lora_B, layer.rank)
+        params = (x, layer.lora_A, layer.lora_B, layer.ranks.values)
         return output, torch.autograd.grad((output.float() * upstream).sum(), params)
 
     ours, our_grads = grads(layer(x))
@@ -204,5 +193,5 @@ def test_fused_branch_ignores_autocast_and_computes_in_the_adapter_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     out.float().sum().backward()
-    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == layer.rank.grad.dtype == torch.float32
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == layer.ranks.values.grad.dtype == torch.float32
     torch.testing.assert_close(layer.lora_B.grad, torch.ones(2, 8).t() @ (x @ layer.lora_A.t() * layer.rank_mask() * layer.scaling).detach())

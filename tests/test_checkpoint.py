@@ -18,8 +18,8 @@ def trained_model():
     with torch.no_grad():
         for i, layer in enumerate(layers.values()):
             layer.lora_B.normal_()
-            layer.rank.fill_(1.25 + 0.5 * i)
-            layer.temperature = 0.3
+            layer.ranks.values[layer.index] = 1.25 + 0.5 * i
+        layer.ranks.temperature = 0.3
     return model, tokenizer, layers, config
 
 
@@ -33,7 +33,7 @@ def test_round_trip_gives_identical_outputs_and_ranks(tmp_path):
     assert meta["controller"] == {"penalty": 0.5, "step_count": 7}
     assert meta["rank"]["budget_avg_rank"] == 2
     assert {n: float(m.rank.detach()) for n, m in loaded.items()} == {n: float(m.rank.detach()) for n, m in layers.items()}
-    assert all(m.rank.dtype == torch.float32 and m.temperature == 0.3 for m in loaded.values())
+    assert all(m.rank.dtype == torch.float32 and m.ranks.temperature == 0.3 for m in loaded.values())
     ids = tokenizer(["a round trip"], return_tensors="pt").to(model.device)
     model.eval(), fresh.eval()
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_a_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     save_adapter(tmp_path, layers, config)
     before = (tmp_path / WEIGHTS_NAME).read_bytes()
     with torch.no_grad():
-        next(iter(layers.values())).rank.fill_(7.0)
+        next(iter(layers.values())).ranks.values.fill_(7.0)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")

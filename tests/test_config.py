@@ -22,7 +22,11 @@ def recipe(**sections):
         ({"adapter": {"overrides": [{"pattern": "mlp", "r_max": -1}]}}, r"adapter.overrides\[0\].r_max: expected an integer >= 1"),
         ({"adapter": {"r_max": "big"}}, r"adapter.r_max: expected an integer, got 'big' \(str\)"),
         ({"rank": {"mode": "budget"}}, "budget mode needs exactly one of budget_avg_rank and budget_params"),
-        ({"rank": {"mode": "penalty", "tau_start": 0.1, "tau_end": 0.5}}, "rank.tau_end: expected 0 < tau_end <= tau_start"),
+        ({"rank": {"mode": "penalty", "temperature": 0}}, "rank.temperature: expected a number > 0, got 0"),
+        ({"rank": {"mode": "penalty", "warmup_fraction": 1.0}}, r"rank.warmup_fraction: expected a number in \[0, 1\)"),
+        ({"rank": {"mode": "penalty", "warmup_fraction": 0.5, "freeze_fraction": 0.4}},
+         r"rank.freeze_fraction: expected a number in \[warmup_fraction=0.5, 1\], got 0.4"),
+        ({"rank": {"mode": "fixed", "budget_avg_rank": 4}}, "budget_avg_rank / budget_params need mode: budget"),
     ],
 )
 def test_bad_values_name_the_field(sections, message):
@@ -35,6 +39,8 @@ def test_defaults_and_int_to_float():
     r = recipe(rank={"mode": "budget", "budget_avg_rank": 16}, adapter={"init_rank": 4})
     assert r.adapter.init_rank == 4.0 and isinstance(r.adapter.init_rank, float)
     assert r.adapter.targets == "all-linear" and r.model.quantize == "nf4"
+    unset = recipe(rank={"mode": "fixed"})
+    assert unset.adapter.init_rank is None and unset.adapter.start_rank(unset.adapter.r_max) == unset.adapter.r_max
 
 
 def test_every_shipped_recipe_validates():

@@ -94,7 +94,6 @@ def test_cli_base_training_adapter_and_exported_peft_adapter_agree(tmp_path, cap
     with torch.no_grad():
         for layer in layers.values():
             layer.lora_B.normal_(std=0.5)
-            layer.temperature = 1e-3
     save_adapter(tmp_path / "run", layers, config)
     export_peft(layers, tmp_path / "peft")
     data = write_questions(tmp_path / "q.jsonl", [{"prompt": q.prompt, "choices": q.choices, "gold": q.gold} for q in QUESTIONS])

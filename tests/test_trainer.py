@@ -5,9 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from transformers import TrainerCallback
 
 from qlrlora.config import recipe_from_dict
 from qlrlora.sft import build_trainer, run
@@ -49,11 +47,11 @@ def test_cli_run_writes_adapter_ranks_plot_and_rank_metrics(tmp_path):
     assert len(ranks["layers"]) == 14 and ranks["summary"]["step"] == 20
     rows = history(out)
     assert sorted(rows) == list(range(1, 21))
-    for key in ("task_loss", "rank/regularizer", "rank/lambda", "rank/temperature", "rank/mean_attention", "rank/mean_mlp",
+    for key in ("rank/cost", "rank/target", "rank/lambda", "rank/mean_attention", "rank/mean_mlp", "rank/spread",
                 "rank/live_params"):
         assert key in rows[20], key
-    assert rows[20]["rank/temperature"] < rows[1]["rank/temperature"]
-    assert rows[20]["task_loss"] == pytest.approx(rows[20]["loss"] - rows[20]["rank/regularizer"])
+    assert rows[1]["rank/cost"] == 8 and rows[20]["rank/cost"] <= 6.0  # from r_max to the budget
+    assert rows[20]["rank/live_params"] <= ranks["summary"]["budget_adapter_params"]
     assert list((out / "runs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert "learned hard ranks" in result.stdout and str(out) in result.stdout
     # The export names a base that PEFT's auto class can load on its own (here the model built from the config).
@@ -65,56 +63,28 @@ def test_cli_run_writes_adapter_ranks_plot_and_rank_metrics(tmp_path):
     assert peft_model.peft_config["default"].base_model_name_or_path == base
 
 
-def test_temperature_anneals_over_the_whole_run_when_training_by_epochs(tmp_path):
-    recipe = tiny_recipe(tmp_path, train={"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 32,
+def test_the_rank_schedule_spans_the_whole_run_when_training_by_epochs(tmp_path):
+    recipe = tiny_recipe(tmp_path, train={"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 8,
                                           "save_strategy": "no"})
     trainer = run(recipe)
-    temperatures = [row["rank/temperature"] for row in trainer.state.log_history if "rank/temperature" in row]
-    assert len(temperatures) == 8  # 256 rows / 32
-    assert temperatures[0] == pytest.approx(0.05 ** (1 / 8), rel=1e-4) and temperatures[-1] == pytest.approx(0.05)
+    assert trainer.state.global_step == 32  # 256 rows / 8
+    controller = trainer.controller
+    assert controller.total_steps == 32 and controller.warmup_steps == 3 and controller.freeze_step == 22
+    targets = [row["rank/target"] for row in trainer.state.log_history if "rank/target" in row]
+    assert targets[2] == 8 and targets[-1] == 6  # warm-up at r_max, then the budget once the schedule is done
+    assert controller.frozen and controller.live_params() <= controller.budget_params()
 
 
 def test_penalty_lowers_the_learned_ranks(tmp_path):
     mean = {}
     for penalty in (0.0, 1.0):
-        recipe = tiny_recipe(tmp_path / str(penalty), rank={"mode": "penalty", "penalty": penalty, "budget_avg_rank": None},
+        recipe = tiny_recipe(tmp_path / str(penalty), rank={"mode": "penalty", "penalty": penalty, "budget_avg_rank": None,
+                                                             "rank_lr": 0.3},
                              train={"save_strategy": "no"})
         run(recipe)
         report = json.loads((Path(recipe.output.dir) / "ranks.json").read_text())
         mean[penalty] = sum(row["rank"] for row in report["layers"]) / len(report["layers"])
-    assert mean[1.0] < mean[0.0] - 0.5, mean
-
-
-class RankGrads(TrainerCallback):
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.grads = []
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.grads.append(torch.stack([layer.rank.grad.detach().cpu().clone() for layer in self.trainer.layers.values()]))
-
-
-@pytest.mark.parametrize("micro, accumulation", [(1, 4)])
-def test_regularizer_scale_is_independent_of_gradient_accumulation(tmp_path, micro, accumulation):
-    grads = {}
-    for mb, ga in ((micro, accumulation), (micro * accumulation, 1)):
-        recipe = tiny_recipe(
-            tmp_path / f"{mb}x{ga}",
-            rank={"mode": "penalty", "penalty": 0.5, "budget_avg_rank": None},
-            train={"max_steps": 1, "per_device_train_batch_size": mb, "gradient_accumulation_steps": ga,
-                   "save_strategy": "no", "max_grad_norm": 0.0},  # no clipping: compare raw gradients
-        )
-        trainer = build_trainer(recipe)
-        probe = RankGrads(trainer)
-        trainer.add_callback(probe)
-        trainer.train()
-        grads[(mb, ga)] = probe.grads[0]
-    # B starts at zero, so the first step's rank gradient is the regulariser's alone: lambda * d cost / d rank.
-    reference = build_trainer(tiny_recipe(tmp_path / "ref", rank={"mode": "penalty", "penalty": 0.5, "budget_avg_rank": None}))
-    ranks = [layer.rank for layer in reference.layers.values()]
-    expected = torch.stack(torch.autograd.grad(0.5 * reference.controller.cost(), ranks))
-    torch.testing.assert_close(grads[(micro, accumulation)], grads[(micro * accumulation, 1)])
-    torch.testing.assert_close(grads[(micro, accumulation)].cpu(), expected.cpu(), rtol=1e-4, atol=1e-7)
+    assert mean[1.0] < mean[0.0] - 1.5, mean
 
 
 def test_resume_from_step_10_reproduces_steps_11_to_20(tmp_path):
@@ -181,13 +151,12 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert summary["rank_spread_across_processes"] == 0.0
 
 
-def test_training_warns_when_the_rank_learning_rate_cannot_reach_the_budget(tmp_path, capsys):
-    slow = tiny_recipe(tmp_path / "slow", rank={"rank_lr": 0.01, "budget_avg_rank": 1},
-                       train={"max_steps": 2, "lr_scheduler_type": "cosine", "save_strategy": "no"})
-    build_trainer(slow).train()
+def test_training_warns_when_the_budget_is_out_of_reach(tmp_path, capsys):
+    short = tiny_recipe(tmp_path / "short", rank={"budget_avg_rank": 1}, train={"max_steps": 10, "save_strategy": "no"})
+    build_trainer(short).train()
     err = capsys.readouterr().err
-    # 2 cosine steps with multipliers 1 and 0.5: a rank can travel 0.015 from 4 toward the budget of 1.
-    assert "warning: rank.budget_*: out of reach" in err and "rank.rank_lr to at least 2 " in err, err[-2000:]
-    fast = tiny_recipe(tmp_path / "fast", rank={"rank_lr": 1.0}, train={"max_steps": 2, "save_strategy": "no"})
-    build_trainer(fast).train()  # 2 constant steps of 1.0 take the ranks from 4 to the budget of 3
+    # 10 steps: warm-up 1, freeze at 7, so 6 pruning steps; from 8 to 1 the schedule needs 42.
+    assert "warning: rank.budget_*: out of reach" in err and "this run has 6" in err, err[-2000:]
+    reachable = tiny_recipe(tmp_path / "ok", rank={"budget_avg_rank": 7}, train={"max_steps": 10, "save_strategy": "no"})
+    build_trainer(reachable).train()
     assert "out of reach" not in capsys.readouterr().err
