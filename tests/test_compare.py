@@ -1,0 +1,162 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qlrlora.commonsense import TASKS, _described, mc_row, write_mixture
+from qlrlora.compare import (
+    Job,
+    Protocol,
+    best_learning_rates,
+    differentiation,
+    load_results,
+    prepare,
+    read_protocol,
+    spearman,
+    stage_jobs,
+    summarize,
+)
+from qlrlora.errors import QLRError
+from tests.conftest import TINY_LLAMA
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def mixture(tmp_path):
+    """A commonsense mixture of 40 training and 6 validation questions per task, in the real file layout."""
+    def rows(split, n):
+        return {t: [mc_row(t, split, i, f"{t} {split} question {i}?\n A. yes\n B. no\nAnswer:", 2, i % 2)
+                    for i in range(n)] for t in TASKS}
+
+    out = tmp_path / "mixture"
+    out.mkdir()
+    write_mixture(out, {"train": rows("train", 40), "val": rows("val", 6)}, "test")
+    return _described(out)
+
+
+def test_prepare_splits_training_rows_from_a_disjoint_held_out_slice(tmp_path, mixture):
+    counts = prepare(tmp_path / "b", Protocol(model="m", train_rows=200, heldout_rows=50, val_per_task=4), mixture)
+    assert counts["train.jsonl"] == 200 and counts["heldout.jsonl"] == 50 and counts["val/piqa.jsonl"] == 4
+    data = tmp_path / "b" / "data"
+    train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    heldout = [json.loads(line) for line in (data / "heldout.jsonl").read_text().splitlines()]
+    assert set(train[0]) == {"prompt", "completion"}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
+    assert {"prompt", "choices", "gold", "task"} <= set(heldout[0])
+    assert read_protocol(tmp_path / "b").train_rows == 200
+    prepare(tmp_path / "c", Protocol(model="m", train_rows=200, heldout_rows=50, val_per_task=4), mixture)
+    assert (data / "train.jsonl").read_bytes() == (tmp_path / "c" / "data" / "train.jsonl").read_bytes()
+    with pytest.raises(QLRError, match="rows asked for"):
+        prepare(tmp_path / "d", Protocol(model="m", train_rows=300, heldout_rows=50), mixture)
+
+
+def result(method, lr, seed, heldout, avg=0.5, ranks=None):
+    return {"method": method, "lr": lr, "seed": seed, "heldout": {"average": heldout},
+            "validation": {"average": avg, "tasks": {"piqa": {"accuracy": avg}}}, "adapter_params": 10,
+            "train_s": 1.0, "peak_gib": None, "ranks": ranks}
+
+
+def test_learning_rates_are_chosen_on_the_held_out_training_slice_only():
+    results = [result("lora", 1e-3, 0, 0.60, avg=0.40), result("lora", 2e-3, 0, 0.55, avg=0.90),
+               result("lora", 5e-4, 0, 0.60, avg=0.30), result("lora", 1e-3, 1, 0.99),
+               result("dora", 1e-3, 0, 0.50)]
+    # the best held-out score wins (ties: the smaller rate); validation scores and other seeds play no part
+    assert best_learning_rates(results) == {"lora": 5e-4, "dora": 1e-3}
+
+
+def test_spearman_with_ties():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(0.894427, rel=1e-5)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def ranks_of(values):
+    names = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj")]
+    kinds = ["attention", "attention", "mlp"] * 2
+    return [{"module": n, "kind": k, "hard_rank": v} for n, k, v in zip(names, kinds, values)]
+
+
+def test_differentiation_measures():
+    seed0, seed1 = ranks_of([2, 4, 12, 4, 6, 14]), ranks_of([3, 4, 11, 4, 7, 15])
+    d = differentiation([seed0, seed1])
+    assert d["mean_rank"] == pytest.approx(7.0)
+    assert d["cv"] == pytest.approx((sum((v - 7) ** 2 for v in [2, 4, 12, 4, 6, 14]) / 6) ** 0.5 / 7)
+    assert d["mlp_over_attention"] == pytest.approx(13 / 4)
+    assert d["o_over_qkv"] == pytest.approx(5 / 3)
+    assert d["depth_spearman"] == pytest.approx(spearman([0, 0, 0, 1, 1, 1], [2, 4, 12, 4, 6, 14]))
+    assert d["seed_spearman"] == pytest.approx(spearman([2, 4, 12, 4, 6, 14], [3, 4, 11, 4, 7, 15]))
+    assert differentiation([seed0])["seed_spearman"] is None
+
+
+def bench_dir(tmp_path, results):
+    directory = tmp_path / "bench"
+    (directory / "jobs").mkdir(parents=True)
+    (directory / "protocol.json").write_text(json.dumps({"model": "m", "learning_rates": [1e-3, 2e-3]}))
+    for r in results:
+        job = Job(r["method"], r["seed"], r["lr"])
+        (directory / "jobs" / job.name).mkdir()
+        (directory / "jobs" / job.name / "result.json").write_text(json.dumps(r))
+    return directory
+
+
+def test_final_stage_runs_at_the_chosen_rates_and_permutes_within_each_projection(tmp_path):
+    learned = ranks_of([2, 4, 12, 4, 6, 14])
+    sweep = [result(m, lr, 0, 0.5 + (lr == 2e-3) * (m == "lr_lora_budget") * 0.1, ranks=learned)
+             for m in ("lora", "dora", "adalora", "lr_lora_budget") for lr in (1e-3, 2e-3)]
+    directory = bench_dir(tmp_path, sweep)
+    with pytest.raises(QLRError, match="ranks.json is missing"):
+        stage_jobs(directory, "final", read_protocol(directory))
+    (directory / "jobs" / "lr_lora_budget-lr0.002-s0" / "ranks.json").write_text(json.dumps({"layers": learned}))
+    jobs = {j.name for j in stage_jobs(directory, "final", read_protocol(directory))}
+    assert jobs == {"lora-lr0.001-s1", "lora-lr0.001-s2", "lr_lora_budget-lr0.002-s1", "lr_lora_budget-lr0.002-s2",
+                    "lora_rslora-lr0.001-s0", "lr_lora_penalty-lr0.002-s0", "learned_ranks_fixed-lr0.002-s0",
+                    "permuted_ranks_fixed-lr0.002-s0", "uniform_fixed-lr0.002-s0"}
+    permuted = json.loads((directory / "permuted_ranks.json").read_text())["layers"]
+    for projection in ("q_proj", "o_proj", "up_proj"):
+        got = sorted(r["hard_rank"] for r in permuted if r["module"].endswith(projection))
+        assert got == sorted(r["hard_rank"] for r in learned if r["module"].endswith(projection))
+    with pytest.raises(QLRError, match="has no finished run of"):
+        stage_jobs(bench_dir(tmp_path / "x", sweep[:2]), "final", read_protocol(directory))
+
+
+def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
+    learned = ranks_of([2, 4, 12, 4, 6, 14])
+    results = [result("lora", 1e-3, 0, 0.6, avg=0.40), result("lora", 2e-3, 0, 0.5, avg=0.99),
+               result("lora", 1e-3, 1, 0.6, avg=0.44), result("lr_lora_budget", 1e-3, 0, 0.6, avg=0.5, ranks=learned),
+               result("lr_lora_budget", 1e-3, 1, 0.6, avg=0.52, ranks=ranks_of([3, 4, 11, 4, 7, 15]))]
+    summary = summarize(bench_dir(tmp_path, results))
+    lora = summary["methods"]["lora"]
+    assert lora["seeds"] == [0, 1] and lora["avg"] == pytest.approx(0.42) and lora["std"] == pytest.approx(0.02 * 2**0.5)
+    assert summary["sweep_heldout"]["lora"] == {"0.001": 0.6, "0.002": 0.5}
+    assert summary["learned_ranks"]["model.layers.0.mlp.up_proj"] == [12, 11]
+    assert summary["differentiation"]["seeds"] == 2
+
+
+def test_tiny_benchmark_end_to_end(tmp_path, mixture):
+    """Every kind of job trains and evaluates on a tiny NF4 Llama, and the report renders from the results."""
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import run_job
+
+    directory = tmp_path / "bench"
+    model = str(build_from_config(TINY_LLAMA))
+    prepare(directory, Protocol(model=model, train_rows=64, heldout_rows=16, val_per_task=2, batch_size=8,
+                                max_length=64, learning_rates=[1e-3], r_max=4, rank=2, adalora_init_r=3,
+                                eval_batch_size=8), mixture)
+    for job in (Job("base"), Job("lora", 0, 1e-3), Job("adalora", 0, 1e-3), Job("lr_lora_budget", 0, 1e-3)):
+        out = run_job(directory, job)
+        assert 0 <= out["validation"]["average"] <= 1 and len(out["validation"]["tasks"]) == len(TASKS)
+    results = {r["method"]: r for r in load_results(directory)}
+    assert results["lora"]["adapter_params"] == 2 * sum(
+        k + d for k, d in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]) * 2
+    assert results["lr_lora_budget"]["adapter_params"] <= results["lora"]["adapter_params"]
+    assert results["lr_lora_budget"]["train_steps"] == 8 and len(results["lr_lora_budget"]["ranks"]) == 14
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory),
+                             "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "ranks.png")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "| lr_lora_budget | 0.001 | 0 |" in report.stdout and (tmp_path / "ranks.png").is_file()
+    assert set(json.loads((tmp_path / "c.json").read_text())["methods"]) == {"base", "lora", "adalora", "lr_lora_budget"}

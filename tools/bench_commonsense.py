@@ -1,0 +1,161 @@
+"""LR-LoRA against LoRA, DoRA and AdaLoRA on the commonsense mixture (qlrlora/compare.py says how).
+
+    python tools/bench_commonsense.py prepare DIR [--train-rows N] [--heldout-rows M] [--model REF --gguf-file F]
+    python tools/bench_commonsense.py run DIR --stage sweep|final [--parallel K] [--deadline S] [--start-by S]
+    python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH] [--plot PATH]
+
+`prepare` writes the data and the protocol into DIR; `run` trains and evaluates the jobs of a stage
+(one process each, K at a time) into DIR/jobs/<job>/result.json; `report` computes commonsense.json
+from those files and prints (or writes) the Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from qlrlora.compare import METHODS, Protocol, prepare, read_protocol, run_stage, stage_jobs, summarize
+from qlrlora.errors import QLRError
+from qlrlora.io import atomic_write_json, atomic_write_text
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("dir", type=Path)
+    for f in dataclasses.fields(Protocol):
+        if f.type in ("int", "float", "str", "str | None"):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=float if f.type == "float" else int if f.type == "int"
+                           else str)
+    p.add_argument("--learning-rates", type=float, nargs="+")
+    p.add_argument("--extra-seeds", type=int, nargs="+")
+    p.add_argument("--control-seeds", type=int, nargs="+")
+    r = sub.add_parser("run")
+    r.add_argument("dir", type=Path)
+    r.add_argument("--stage", choices=["sweep", "final"], required=True)
+    r.add_argument("--parallel", type=int, default=4)
+    r.add_argument("--deadline", type=float, default=float("inf"), help="kill jobs still running after S seconds")
+    r.add_argument("--start-by", type=float, default=float("inf"), help="start no job after S seconds")
+    s = sub.add_parser("report")
+    s.add_argument("dir", type=Path)
+    s.add_argument("--json", type=Path)
+    s.add_argument("--markdown", type=Path)
+    s.add_argument("--plot", type=Path, help="the learned ranks of LR-LoRA's seed 0, as a PNG")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            given = {k: v for k, v in vars(args).items() if k not in ("command", "dir") and v is not None}
+            counts = prepare(args.dir, Protocol(**given))
+            print(json.dumps({"protocol": dataclasses.asdict(read_protocol(args.dir)), "rows": counts}, indent=2))
+        elif args.command == "run":
+            jobs = stage_jobs(args.dir, args.stage, read_protocol(args.dir))
+            status = run_stage(args.dir, jobs, args.parallel, args.deadline, args.start_by)
+            print(json.dumps(status, indent=2))
+            return 0 if all(v == "done" for v in status.values()) else 1
+        else:
+            summary = summarize(args.dir, command=" ".join(["python", "tools/bench_commonsense.py", *argv]))
+            if args.json:
+                atomic_write_json(args.json, summary)
+            text = markdown(summary)
+            if args.markdown:
+                atomic_write_text(args.markdown, text)
+            else:
+                print(text)
+            if args.plot and summary["learned_ranks"]:
+                plot_ranks(summary, args.plot)
+    except QLRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def markdown(summary: dict) -> str:
+    methods = summary["methods"]
+    tasks = list(next(iter(methods.values()))["tasks"]) if methods else []
+    lines = ["| method | lr | seeds | avg | std | vs lora | " + " | ".join(tasks)
+             + " | adapter params | train s | peak GiB |",
+             "| --- " * (9 + len(tasks)) + "|"]
+    lora = methods.get("lora")
+    for name in METHODS:
+        m = methods.get(name)
+        if m is None:
+            continue
+        delta = ""
+        if lora and name != "lora":
+            noise = [s for s in (m["std"], lora["std"]) if s is not None]
+            spread = f" (seed std {max(noise):.3f})" if noise else ""
+            delta = f"{m['avg'] - lora['avg']:+.3f}{spread}"
+        std = "" if m["std"] is None else f"{m['std']:.3f}"
+        lr = "" if m["lr"] is None else f"{m['lr']:g}"
+        train = "" if m["train_s"] is None else f"{m['train_s']:.0f}"
+        peak = "" if m["peak_gib"] is None else f"{m['peak_gib']:.1f}"
+        cells = [name, lr, ",".join(map(str, m["seeds"])), f"{m['avg']:.4f}", std, delta,
+                 *(f"{m['tasks'][t]:.3f}" for t in tasks), f"{m['adapter_params']:,}", train, peak]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = ["## Validation accuracy (first {} questions per task)".format(summary["protocol"]["val_per_task"]), "",
+           *lines, ""]
+    sweep = summary["sweep_heldout"]
+    if sweep:
+        rates = sorted({lr for values in sweep.values() for lr in values}, key=float)
+        out += ["## Learning-rate sweep: accuracy on the held-out slice of the training mixture (seed 0)", "",
+                "| method | " + " | ".join(rates) + " |", "| --- " * (1 + len(rates)) + "|"]
+        for name, values in sweep.items():
+            out.append(f"| {name} | " + " | ".join(f"{values[r]:.4f}" if r in values else "" for r in rates) + " |")
+        out.append("")
+    diff = summary["differentiation"]
+    if diff:
+        out += ["## How the learned ranks differ (LR-LoRA, budget mode)", "", "| measure | value |", "| --- | --- |"]
+        for key, value in diff.items():
+            out.append(f"| {key} | {'n/a' if value is None else f'{value:.3f}' if isinstance(value, float) else value} |")
+        out += ["", rank_table(summary["learned_ranks"]), ""]
+    return "\n".join(out)
+
+
+def rank_table(learned: dict[str, list[int]]) -> str:
+    """Seed 0's hard rank by block and projection (other seeds after a slash)."""
+    from qlrlora.model import layer_index
+
+    projections = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in learned))
+    blocks = sorted({layer_index(name) for name in learned})
+    cells = {(layer_index(n), n.rsplit(".", 1)[-1]): "/".join(map(str, r)) for n, r in learned.items()}
+    lines = ["| layer | " + " | ".join(projections) + " |", "| --- " * (1 + len(projections)) + "|"]
+    lines += [f"| {b} | " + " | ".join(cells.get((b, p), "") for p in projections) + " |" for b in blocks]
+    return "\n".join(lines)
+
+
+def plot_ranks(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qlrlora.model import layer_index, module_kind
+    from qlrlora.report import KIND_COLORS, MARKERS
+
+    by_projection: dict[str, list[tuple[int, int]]] = {}
+    for name, ranks in summary["learned_ranks"].items():
+        by_projection.setdefault(name.rsplit(".", 1)[-1], []).append((layer_index(name), ranks[0]))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for i, (projection, points) in enumerate(by_projection.items()):
+        points.sort()
+        kind = module_kind(projection)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=MARKERS[i % len(MARKERS)],
+                color=KIND_COLORS[kind], alpha=0.8, linewidth=1, label=f"{projection} ({kind})")
+    diff = summary["differentiation"]
+    ax.set_xlabel("layer index")
+    ax.set_ylabel("learned hard rank (seed 0)")
+    ax.set_title(f"LR-LoRA on {Path(summary['model']).name}: coefficient of variation {diff['cv']:.2f}, "
+                 f"MLP / attention {diff['mlp_over_attention'] or float('nan'):.2f}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
