@@ -430,6 +430,7 @@ def summarize(directory: Path, command: str | None = None) -> dict:
             "heldout_avg": _mean([r["heldout"]["average"] for r in runs]),
             "adapter_params": runs[0]["adapter_params"],
             "train_s": _mean([r["train_s"] for r in runs]) if "train_s" in runs[0] else None,
+            "tokens_per_s": _mean([r["trained_tokens"] / r["train_s"] for r in runs]) if "train_s" in runs[0] else None,
             "peak_gib": runs[0]["peak_gib"],
             "train_steps": runs[0].get("train_steps"),
         }
@@ -468,9 +469,11 @@ def differentiation(seed_ranks: list[list[dict]]) -> dict:
 
     mlp, attention = mean_of([k == "mlp" for k in kinds]), mean_of([k == "attention" for k in kinds])
     o, qkv = mean_of([p == "o_proj" for p in projection]), mean_of([p in ATTENTION_QKV for p in projection])
-    pairs = [spearman([r["hard_rank"] for r in a], [r["hard_rank"] for r in b])
-             for i, a in enumerate(seed_ranks) for b in seed_ranks[i + 1:]]
-    pairs = [p for p in pairs if p is not None]  # a seed whose ranks are all equal has no order to compare
+    pairs = _seed_pairs(seed_ranks, lambda name: True)
+    # The same across depth within each projection, so that the sizes of the kinds (which the cost
+    # charges) cannot make two seeds agree by themselves.
+    within = [p for projection in dict.fromkeys(projection)
+              for p in _seed_pairs(seed_ranks, lambda name, q=projection: name.rsplit(".", 1)[-1] == q)]
     return {
         "cv": _std(ranks, population=True) / mean if mean else 0.0,
         "mean_rank": mean,
@@ -478,8 +481,16 @@ def differentiation(seed_ranks: list[list[dict]]) -> dict:
         "o_over_qkv": o / qkv if o is not None and qkv else None,
         "depth_spearman": spearman([layer_index(row["module"]) for row in first], ranks),
         "seed_spearman": _mean(pairs) if pairs else None,
+        "seed_spearman_within_projection": _mean(within) if within else None,
         "seeds": len(seed_ranks),
     }
+
+
+def _seed_pairs(seed_ranks: list[list[dict]], keep) -> list[float]:
+    """Spearman correlation of every pair of seeds over the modules `keep` accepts (constant vectors skipped)."""
+    vectors = [[row["hard_rank"] for row in ranks if keep(row["module"])] for ranks in seed_ranks]
+    pairs = [spearman(a, b) for i, a in enumerate(vectors) for b in vectors[i + 1:]]
+    return [p for p in pairs if p is not None]
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:

@@ -56,7 +56,7 @@ def test_prepare_splits_training_rows_from_a_disjoint_held_out_slice(tmp_path, m
 def result(method, lr, seed, heldout, avg=0.5, ranks=None):
     return {"method": method, "lr": lr, "seed": seed, "heldout": {"average": heldout},
             "validation": {"average": avg, "tasks": {"piqa": {"accuracy": avg}}}, "adapter_params": 10,
-            "train_s": 1.0, "peak_gib": None, "ranks": ranks}
+            "train_s": 1.0, "trained_tokens": 100, "peak_gib": None, "ranks": ranks}
 
 
 def test_learning_rates_are_chosen_on_the_held_out_training_slice_only():
@@ -89,6 +89,10 @@ def test_differentiation_measures():
     assert d["o_over_qkv"] == pytest.approx(5 / 3)
     assert d["depth_spearman"] == pytest.approx(spearman([0, 0, 0, 1, 1, 1], [2, 4, 12, 4, 6, 14]))
     assert d["seed_spearman"] == pytest.approx(spearman([2, 4, 12, 4, 6, 14], [3, 4, 11, 4, 7, 15]))
+    # per projection across the two blocks: q (2, 4) vs (3, 4), o (4, 6) vs (4, 7), up (12, 14) vs (11, 15)
+    assert d["seed_spearman_within_projection"] == pytest.approx(1.0)
+    flipped = differentiation([seed0, ranks_of([4, 4, 15, 2, 7, 11])])
+    assert flipped["seed_spearman_within_projection"] == pytest.approx((-1 + 1 - 1) / 3)
     assert differentiation([seed0])["seed_spearman"] is None
 
 

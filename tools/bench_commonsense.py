@@ -2,6 +2,7 @@
 
     python tools/bench_commonsense.py prepare DIR [--train-rows N] [--heldout-rows M] [--model REF --gguf-file F]
     python tools/bench_commonsense.py run DIR --stage sweep|final [--parallel K] [--deadline S] [--start-by S]
+    python tools/bench_commonsense.py run DIR --jobs METHOD:SEED:LR ... [--parallel K] [--deadline S]
     python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH] [--plot PATH]
 
 `prepare` writes the data and the protocol into DIR; `run` trains and evaluates the jobs of a stage
@@ -17,7 +18,17 @@ import json
 import sys
 from pathlib import Path
 
-from qlrlora.compare import METHODS, Protocol, prepare, read_protocol, run_stage, stage_jobs, summarize
+from qlrlora.compare import (
+    METHODS,
+    Job,
+    Protocol,
+    prepare,
+    read_protocol,
+    run_stage,
+    stage_jobs,
+    summarize,
+    write_permuted_ranks,
+)
 from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write_json, atomic_write_text
 
@@ -36,7 +47,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--control-seeds", type=int, nargs="+")
     r = sub.add_parser("run")
     r.add_argument("dir", type=Path)
-    r.add_argument("--stage", choices=["sweep", "final"], required=True)
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", choices=["sweep", "final"])
+    which.add_argument("--jobs", nargs="+", metavar="METHOD:SEED:LR", help="run these jobs instead of a stage")
     r.add_argument("--parallel", type=int, default=4)
     r.add_argument("--deadline", type=float, default=float("inf"), help="kill jobs still running after S seconds")
     r.add_argument("--start-by", type=float, default=float("inf"), help="start no job after S seconds")
@@ -45,6 +58,7 @@ def main(argv: list[str]) -> int:
     s.add_argument("--json", type=Path)
     s.add_argument("--markdown", type=Path)
     s.add_argument("--plot", type=Path, help="the learned ranks of LR-LoRA's seed 0, as a PNG")
+    s.add_argument("--command", help="how the jobs were run, recorded in the JSON (default: this report command)")
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -52,12 +66,12 @@ def main(argv: list[str]) -> int:
             counts = prepare(args.dir, Protocol(**given))
             print(json.dumps({"protocol": dataclasses.asdict(read_protocol(args.dir)), "rows": counts}, indent=2))
         elif args.command == "run":
-            jobs = stage_jobs(args.dir, args.stage, read_protocol(args.dir))
+            jobs = stage_jobs(args.dir, args.stage, read_protocol(args.dir)) if args.stage else explicit_jobs(args)
             status = run_stage(args.dir, jobs, args.parallel, args.deadline, args.start_by)
             print(json.dumps(status, indent=2))
             return 0 if all(v == "done" for v in status.values()) else 1
         else:
-            summary = summarize(args.dir, command=" ".join(["python", "tools/bench_commonsense.py", *argv]))
+            summary = summarize(args.dir, command=args.command or " ".join(["python", "tools/bench_commonsense.py", *argv]))
             if args.json:
                 atomic_write_json(args.json, summary)
             text = markdown(summary)
@@ -73,12 +87,29 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def explicit_jobs(args) -> list[Job]:
+    jobs = []
+    for spec in args.jobs:
+        try:
+            method, seed, lr = spec.split(":")
+            job = Job(method, int(seed), float(lr) if method != "base" else None)
+        except ValueError:
+            raise QLRError(f"--jobs: {spec!r}: expected METHOD:SEED:LR, e.g. lora:0:1e-3") from None
+        if method not in METHODS:
+            raise QLRError(f"--jobs: {spec!r}: unknown method; expected one of {', '.join(METHODS)}")
+        jobs.append(job)
+    permuted = [j for j in jobs if j.method == "permuted_ranks_fixed"]
+    if permuted:
+        write_permuted_ranks(args.dir, Job("lr_lora_budget", 0, permuted[0].lr), read_protocol(args.dir).data_seed)
+    return jobs
+
+
 def markdown(summary: dict) -> str:
     methods = summary["methods"]
     tasks = list(next(iter(methods.values()))["tasks"]) if methods else []
     lines = ["| method | lr | seeds | avg | std | vs lora | " + " | ".join(tasks)
-             + " | adapter params | train s | peak GiB |",
-             "| --- " * (9 + len(tasks)) + "|"]
+             + " | adapter params | train s | tokens/s | peak GiB |",
+             "| --- " * (10 + len(tasks)) + "|"]
     lora = methods.get("lora")
     for name in METHODS:
         m = methods.get(name)
@@ -92,9 +123,10 @@ def markdown(summary: dict) -> str:
         std = "" if m["std"] is None else f"{m['std']:.3f}"
         lr = "" if m["lr"] is None else f"{m['lr']:g}"
         train = "" if m["train_s"] is None else f"{m['train_s']:.0f}"
+        speed = "" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f}"
         peak = "" if m["peak_gib"] is None else f"{m['peak_gib']:.1f}"
         cells = [name, lr, ",".join(map(str, m["seeds"])), f"{m['avg']:.4f}", std, delta,
-                 *(f"{m['tasks'][t]:.3f}" for t in tasks), f"{m['adapter_params']:,}", train, peak]
+                 *(f"{m['tasks'][t]:.3f}" for t in tasks), f"{m['adapter_params']:,}", train, speed, peak]
         lines.append("| " + " | ".join(cells) + " |")
     out = ["## Validation accuracy (first {} questions per task)".format(summary["protocol"]["val_per_task"]), "",
            *lines, ""]
@@ -148,7 +180,8 @@ def plot_ranks(summary: dict, path: Path) -> None:
     diff = summary["differentiation"]
     ax.set_xlabel("layer index")
     ax.set_ylabel("learned hard rank (seed 0)")
-    ax.set_title(f"LR-LoRA on {Path(summary['model']).name}: coefficient of variation {diff['cv']:.2f}, "
+    model = summary["protocol"].get("gguf_file") or Path(summary["model"]).name
+    ax.set_title(f"LR-LoRA on {model}: coefficient of variation {diff['cv']:.2f}, "
                  f"MLP / attention {diff['mlp_over_attention'] or float('nan'):.2f}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)

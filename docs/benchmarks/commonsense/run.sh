@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The commonsense method comparison as run on the H200 (docs/benchmarks/commonsense.md), one stage per call:
 #   bash docs/benchmarks/commonsense/run.sh sweep|final DEADLINE_SECONDS
+#   bash docs/benchmarks/commonsense/run.sh jobs DEADLINE_SECONDS METHOD:SEED:LR ...
 # BENCH is the directory `tools/bench_commonsense.py prepare` wrote (staged to the GPU machine); the results,
 # the per-job logs and the ranks come back as $OUT/results.tgz, and a later call unpacks them again first.
 set -uo pipefail
-stage=$1 deadline=$2
+stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
 export QLRLORA_CACHE=${QLRLORA_CACHE:-/root/qlr-cache} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [ -f results.tgz ] && [ ! -d "$BENCH/jobs" ]; then tar xzf results.tgz -C "$BENCH"; fi
+if [ -f "$BENCH/data/train.jsonl.gz" ]; then gunzip -f "$BENCH/data/train.jsonl.gz"; fi  # staged compressed
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python tools/bench_commonsense.py run "$BENCH" --stage "$stage" --parallel "${PARALLEL:-9}" --deadline "$deadline" \
+if [ "$stage" = jobs ]; then which=(--jobs "$@"); else which=(--stage "$stage"); fi
+python tools/bench_commonsense.py run "$BENCH" "${which[@]}" --parallel "${PARALLEL:-9}" --deadline "$deadline" \
   2>&1 | tee "$OUT/$stage.log"
 (cd "$BENCH" && tar czf "$OUT/results.tgz" protocol.json $(ls permuted_ranks.json 2>/dev/null) \
   jobs/*/result.json jobs/*/ranks.json jobs/*/ranks.png jobs/*/log.txt 2>/dev/null)
