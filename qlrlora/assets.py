@@ -103,8 +103,9 @@ def build_from_config(init_config: dict) -> Path:
         config = AutoConfig.for_model(model_type, **settings)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.init_config: {e}") from None
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was (adapter init, data order)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)

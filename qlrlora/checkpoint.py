@@ -1,9 +1,11 @@
-"""The training state of an LR-LoRA adapter on disk: factors and ranks as safetensors, the rest as JSON.
+"""The training state of an LR-LoRA adapter on disk: one safetensors file, and a JSON copy to read.
 
-    lrlora_adapter.safetensors   <module>.lora_A, <module>.lora_B (adapter dtype), <module>.rank (fp32)
-    lrlora_adapter.json          adapter and rank settings, per-module shapes, temperature, controller state
+    lrlora_adapter.safetensors   <module>.lora_A, <module>.lora_B (adapter dtype), <module>.rank (fp32),
+                                 and in its header the metadata: adapter and rank settings, per-module
+                                 shapes, temperature, controller state
+    lrlora_adapter.json          the same metadata, for people and tools; never read back
 
-Both files are written atomically, the JSON last, so a directory with the JSON is complete. This is
+Tensors and metadata are one file written atomically, so they cannot disagree after a kill. This is
 what resume and export read; the PEFT format for inference servers is export's job.
 """
 
@@ -14,19 +16,22 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qlrlora.adapter import LRLoRALinear
-from qlrlora.config import AdapterConfig, RankConfig, build_dataclass
+from qlrlora.config import AdapterConfig, RankConfig
 from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write, atomic_write_json
 from qlrlora.model import adapter_layers, wrap_modules
+from qlrlora.typed_yaml import build_dataclass
 
 WEIGHTS_NAME = "lrlora_adapter.safetensors"
 CONFIG_NAME = "lrlora_adapter.json"
 FORMAT = "qlrlora.lrlora-adapter"
 VERSION = 1
+HEADER_KEY = "qlrlora"
 
 
 def save_adapter(
@@ -54,15 +59,25 @@ def save_adapter(
         "controller": controller_state,
         "modules": modules,
     }
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    header = {"format": "pt", HEADER_KEY: json.dumps(meta)}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     atomic_write_json(directory / CONFIG_NAME, meta)
 
 
 def read_adapter_meta(directory: str | Path) -> dict:
-    path = Path(directory) / CONFIG_NAME
+    """The metadata in the header of the adapter's safetensors file."""
+    path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
-        raise QLRError(f"{directory}: no LR-LoRA adapter here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    meta = json.loads(path.read_text())
+        raise QLRError(f"{directory}: no LR-LoRA adapter here (expected {WEIGHTS_NAME})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise QLRError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        meta = json.loads(header[HEADER_KEY])
+    except (KeyError, ValueError):
+        raise QLRError(f"{path}: not an LR-LoRA adapter (its header has no {HEADER_KEY!r} metadata)") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise QLRError(f"{path}: not an LR-LoRA adapter of format {FORMAT} v{VERSION}")
     return meta
@@ -76,7 +91,7 @@ def load_adapter(directory: str | Path, model: nn.Module) -> tuple[dict[str, LRL
     meta = read_adapter_meta(directory)
     layers = adapter_layers(model)
     if not layers:
-        adapter_config = build_dataclass(AdapterConfig, meta["adapter"], "adapter", str(directory / CONFIG_NAME))
+        adapter_config = build_dataclass(AdapterConfig, meta["adapter"], "adapter", str(directory / WEIGHTS_NAME))
         ranks = {name: (spec["r_max"], 0.0) for name, spec in meta["modules"].items()}
         missing = [name for name in ranks if not _has_module(model, name)]
         if missing:

@@ -9,23 +9,15 @@ names the file and the dotted field and says what was expected.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from qlrlora.typed_yaml import ConfigError, apply_override, build_dataclass, coerce, did_you_mean, read_yaml
 
-from qlrlora.errors import QLRError
-
-DTYPES = ("bfloat16", "float16", "float32")
-
-
-class ConfigError(QLRError):
-    pass
+__all__ = ["ConfigError", "Recipe", "find_recipe", "load_recipe", "recipe_from_dict", "shipped_recipes"]
 
 
 @dataclass
@@ -51,6 +43,9 @@ class ModelConfig:
             raise ConfigError(f"{where}: set exactly one of model.name_or_path and model.init_config")
         if self.init_config is not None and "model_type" not in self.init_config:
             raise ConfigError(f"{where}: model.init_config: expected a 'model_type' key (for example llama)")
+        if self.init_config is not None and (self.gguf_file or self.revision):
+            given = "model.gguf_file" if self.gguf_file else "model.revision"
+            raise ConfigError(f"{where}: {given}: applies to model.name_or_path, not to a model built from model.init_config")
 
 
 @dataclass
@@ -191,6 +186,12 @@ class OutputConfig:
     dir: str = "runs/qlrlora"
     # false: start fresh; true: continue from the last complete checkpoint in dir; or a checkpoint path.
     resume: bool | str = False
+    # A directory that holds another run is refused unless this is true (its outputs are then removed).
+    overwrite: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.resume is not False and self.overwrite:
+            raise ConfigError(f"{where}: output.overwrite: cannot be true together with output.resume")
 
 
 @dataclass
@@ -215,49 +216,48 @@ SECTIONS = {
 }
 # output_dir comes from output.dir; the rest of SFTConfig passes through `train`.
 TRAIN_RESERVED = {"output_dir": "output.dir", "resume_from_checkpoint": "output.resume"}
+# SFTConfig accepts these at 0 or below and fails deep inside the training loop (a DataLoader of batch 0).
+POSITIVE_TRAIN_FIELDS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                         "max_length", "num_train_epochs")
+NON_NEGATIVE_TRAIN_FIELDS = ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "logging_steps",
+                             "save_steps", "dataloader_num_workers")
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.2 scalars: only true / false are booleans (`save_strategy: no` stays 'no') and 2e-4 is a number."""
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that come with the package, by name (an installed wheel or the source tree)."""
+    package = Path(__file__).resolve().parent
+    # an installed wheel has them in qlrlora/recipes; a source checkout (installed editable or not) beside qlrlora/
+    folder = next((f for f in (package / "recipes", package.parent / "recipes") if f.is_dir()), package / "recipes")
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
-_REPLACED = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"}
-_RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str):
-    return yaml.load(text, Loader=_RecipeLoader)
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: a path, or the name of a shipped recipe (`tiny_cpu`, `tiny_cpu.yaml`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    if path.exists():
+        raise ConfigError(f"{path}: is a directory, expected a recipe file (YAML)")
+    known = ", ".join(shipped) or "none"
+    raise ConfigError(f"recipe not found: {name_or_path} is neither a file nor a shipped recipe "
+                      f"({known}){did_you_mean(name, list(shipped))}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply `--section.key=value` overrides and validate every field."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    try:
-        raw = parse_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}:{at}: invalid YAML: {problem}") from None
+    """Read a YAML recipe (a path or a shipped recipe's name), apply `--section.key=value` overrides and
+    validate every field."""
+    path = find_recipe(path)
+    raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}, train)")
     for item in overrides:
-        _apply_override(raw, item, str(path))
+        apply_override(raw, item)
     return recipe_from_dict(raw, str(path))
 
 
@@ -281,96 +281,6 @@ def recipe_from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
     train = dict(train)
     _check_train_fields(train, source)
     return Recipe(**sections, train=train, source=source)
-
-
-def build_dataclass(cls, data: dict, prefix: str, source: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(f"{source}: unknown key '{prefix}.{key}'{did_you_mean(key, names)}")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}", source)
-    for f in dataclasses.fields(cls):
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: {prefix}.{f.name}: missing required field")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, path: str, source: str) -> Any:
-    """Check `value` against a type hint; returns it (ints widened to float where a float is expected)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, path, source)
-            except ConfigError:
-                continue
-        raise _type_error(value, hint, path, source)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(
-                f"{source}: {path}: expected one of {', '.join(map(repr, args))}, got {value!r}"
-                f"{did_you_mean(str(value), [str(a) for a in args])}"
-            )
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise _type_error(value, hint, path, source)
-        return [_coerce(v, args[0], f"{path}[{i}]", source) for i, v in enumerate(value)]
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(value, hint, path, source)
-        return value
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise _type_error(value, hint, path, source)
-        return build_dataclass(hint, value, path, source)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise _type_error(value, hint, path, source)
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _type_error(value, hint, path, source)
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _type_error(value, hint, path, source)
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise _type_error(value, hint, path, source)
-        return value
-    if hint is Any:
-        return value
-    raise TypeError(f"config field {path} has an unsupported type hint {hint!r}")
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, args))
-    if hint is dict or origin is dict or dataclasses.is_dataclass(hint):
-        return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def _type_error(value: Any, hint: Any, path: str, source: str) -> ConfigError:
-    return ConfigError(f"{source}: {path}: expected {_describe(hint)}, got {value!r} ({type(value).__name__})")
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _sft_hints() -> dict[str, Any]:
@@ -403,31 +313,14 @@ def _check_train_fields(train: dict, source: str) -> None:
                 f"{source}: unknown key 'train.{key}' (train takes TRL SFTConfig fields)"
                 f"{did_you_mean(key, list(hints))}"
             )
-        train[key] = _coerce(value, hints[key], f"train.{key}", source)
+        train[key] = coerce(value, hints[key], f"train.{key}", source)
+    for key in POSITIVE_TRAIN_FIELDS:
+        value = train.get(key)
+        if isinstance(value, (int, float)) and value <= 0:
+            raise ConfigError(f"{source}: train.{key}: expected a number > 0, got {value}")
+    for key in NON_NEGATIVE_TRAIN_FIELDS:
+        value = train.get(key)
+        if isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"{source}: train.{key}: expected a number >= 0, got {value}")
 
 
-def _apply_override(raw: dict, item: str, source: str) -> None:
-    if not item.startswith("--") or "=" not in item or "." not in item.split("=", 1)[0]:
-        raise ConfigError(f"override {item!r}: expected --section.key=value, e.g. --train.learning_rate=1e-4")
-    key, text = item[2:].split("=", 1)
-    section, *rest = key.split(".")
-    try:
-        value = parse_yaml(text) if text else None
-    except yaml.YAMLError:
-        value = text
-    node = raw.setdefault(section, {})
-    if node is None:
-        node = raw[section] = {}
-    if not isinstance(node, dict):
-        raise ConfigError(f"override {item!r}: {source}: section '{section}' is not a mapping")
-    for part in rest[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: '{part}' is not a mapping")
-    node[rest[-1]] = value
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[name]

@@ -12,6 +12,7 @@ the completion only (TRL's completion_only_loss):
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 from pathlib import Path
 
@@ -80,11 +81,43 @@ def _load_parts(spec, config: DataConfig, base_dir: Path | None):
             raise QLRError(f"data.dataset: {path}: expected a .json, .jsonl or .parquet file (optionally .gz)")
         if path.stat().st_size == 0:
             raise QLRError(f"{path}: the dataset is empty")
+        if _is_jsonl(path):
+            _check_jsonl(path, config.format)
         try:
             rows = datasets.load_dataset(loader, data_files=str(path), split="train")
         except Exception as e:  # the loaders raise arrow / json errors of many types
             raise QLRError(_describe_bad_file(path, e)) from None
         yield str(path), rows
+
+
+def _is_jsonl(path: Path) -> bool:
+    suffixes = [s.lower() for s in path.suffixes]
+    return suffixes[-2:] in ([".jsonl", ".gz"], [".jsonl"]) or suffixes[-1:] == [".jsonl"]
+
+
+def _check_jsonl(path: Path, requested: str) -> None:
+    """Check every row of a JSON-lines file as written, before datasets infers column types: it would
+    turn a number in one row into the column's type and blame another row for it."""
+
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    fmt = None
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise QLRError(f"{path}: line {number}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise QLRError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+                fmt = fmt or detect_format(list(row), f"{path}: line {number}", requested)
+                problem = _row_problem(row, fmt)
+                if problem:
+                    raise QLRError(f"{path}: line {number}: {problem}")
+        except UnicodeDecodeError as e:
+            raise QLRError(f"{path}: not UTF-8 text (byte {e.start} of a line cannot be decoded)") from None
 
 
 def _file_loader(path: Path) -> str | None:

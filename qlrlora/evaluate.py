@@ -185,6 +185,31 @@ def _dequantizing_nf4_matmul_on_cpu(model) -> None:
             module.training = True
 
 
+def load_peft_adapter(model, directory: str | Path):
+    """PEFT's loader on a PEFT adapter directory; what does not fit the base is one line naming the tensor."""
+    import re
+
+    from peft import PeftModel
+
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise QLRError(f"--peft-adapter: {directory} has no adapter_config.json")
+    if not any((directory / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise QLRError(f"--peft-adapter: {directory} has no adapter_model.safetensors (nor adapter_model.bin)")
+    try:
+        return PeftModel.from_pretrained(model, str(directory))
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        text = str(e)
+        mismatch = re.search(r"size mismatch for ([\w.]+): copying a param with shape (\S+ \S+) from checkpoint, "
+                             r"the shape in current model is (\S+ \S+)", text)
+        if mismatch:
+            name, saved, wanted = mismatch.groups()
+            raise QLRError(f"--peft-adapter: {directory} does not fit this base model: {name} has shape "
+                           f"{saved.rstrip(',')} in the adapter and {wanted.rstrip('.')} in the model") from None
+        first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+        raise QLRError(f"--peft-adapter: {directory} does not load on this base model ({first})") from None
+
+
 def format_results(before: dict | None, after: dict) -> str:
     tasks = list(after["tasks"])
     lines = [f"{'task':15} {'before':>8} {'after':>8} {'n':>6}" if before else f"{'task':15} {'accuracy':>8} {'n':>6}"]
@@ -257,11 +282,7 @@ def _run(args) -> dict:
 
         load_adapter(args.adapter, model)
     elif args.peft_adapter:
-        from peft import PeftModel
-
-        if not (Path(args.peft_adapter) / "adapter_config.json").is_file():
-            raise QLRError(f"--peft-adapter: {args.peft_adapter} has no adapter_config.json")
-        model = PeftModel.from_pretrained(model, args.peft_adapter)
+        model = load_peft_adapter(model, args.peft_adapter)
     return evaluate_mc(model, tokenizer, tasks, batch_size=args.batch_size or eval_config.batch_size)
 
 

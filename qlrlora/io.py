@@ -1,4 +1,11 @@
-"""Atomic writes: a crash or a kill mid-write leaves the previous file or directory, never half a new one."""
+"""Atomic writes: a crash or a kill mid-write leaves the previous file or directory, never half a new one.
+
+A file is written to a temporary `.<name>.<random>.tmp` beside it, fsynced, renamed over the target,
+and the directory is fsynced so the rename survives a power cut. A directory is filled the same way
+as `.<name>.<random>.tmp/`; replacing an existing one goes through a backup `.<name>.old` for the
+moment between the two renames, which `recover_interrupted_writes` puts back if a kill falls there.
+`recover_interrupted_writes` also removes the temporaries that killed writes leave.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +26,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
     try:
         write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _fsync_file(Path(tmp))
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -39,20 +46,62 @@ def atomic_directory(path: str | Path, fill: Callable[[Path], None]) -> None:
     """Call `fill(tmp_dir)` and move the finished directory onto `path`, replacing what was there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    backup = _backup_of(path)
+    if backup.is_dir() and not path.exists():  # an earlier replacement was killed between its renames
+        backup.rename(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the permissions mkdir would
     try:
         fill(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync_file(file)
+        _fsync_dir(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
+            path.rename(backup)
             tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(path.parent)
+            shutil.rmtree(backup)
         else:
             tmp.rename(path)
+            _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_interrupted_writes(directory: str | Path) -> None:
+    """Put back a directory whose replacement was interrupted between its two renames; remove temporaries."""
+    directory = Path(directory)
+    for entry in directory.iterdir():
+        name = entry.name
+        if name.startswith(".") and name.endswith(".old") and entry.is_dir():
+            original = directory / name[1:-4]
+            if original.exists():
+                shutil.rmtree(entry)
+            else:
+                entry.rename(original)
+        elif name.startswith(".") and name.endswith(".tmp"):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _backup_of(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

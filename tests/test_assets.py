@@ -102,3 +102,18 @@ def test_smollm2_from_pypi_is_converted_once_and_loads():
     assert gguf_file is None and converted != path and (assets.Path(converted) / assets.MARKER).is_file()
     assert resolve_model(ModelConfig(name_or_path=str(gguf.parent), gguf_file=gguf.name, quantize="none")) == (
         str(gguf.parent), gguf.name)  # bf16: transformers reads the GGUF directly
+
+
+def test_building_a_model_from_a_config_leaves_the_random_state_alone(tmp_path, monkeypatch):
+    """The first run of a recipe (which builds the model) and the later ones (which load it) train the same."""
+    import torch
+
+    from qlrlora.assets import build_from_config
+
+    monkeypatch.setenv("QLRLORA_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_from_config({"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 300})
+    assert torch.equal(torch.rand(3), expected)

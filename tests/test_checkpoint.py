@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -50,11 +49,25 @@ def test_loading_into_an_injected_model_with_other_targets_fails(tmp_path):
 
 
 def test_a_directory_without_adapter_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
     with pytest.raises(QLRError, match="no LR-LoRA adapter here"):
         read_adapter_meta(tmp_path)
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"format": "something-else"}))
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"not safetensors at all")
+    with pytest.raises(QLRError, match="not a readable safetensors file"):
+        read_adapter_meta(tmp_path)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / WEIGHTS_NAME))  # a PEFT or other safetensors file
     with pytest.raises(QLRError, match="not an LR-LoRA adapter"):
         read_adapter_meta(tmp_path)
+
+
+def test_tensors_and_metadata_are_one_file_and_the_json_is_only_a_copy(tmp_path):
+    model, _, layers, config = trained_model()
+    save_adapter(tmp_path, layers, config, RankConfig(mode="budget", budget_avg_rank=2), {"step_count": 3})
+    (tmp_path / CONFIG_NAME).unlink()  # e.g. a kill between the two writes: the adapter is still whole
+    fresh, _ = load_backbone(ModelConfig(init_config=TINY_LLAMA))
+    _, meta = load_adapter(tmp_path, fresh)
+    assert meta["controller"] == {"step_count": 3}
 
 
 def test_a_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):

@@ -61,6 +61,6 @@ def test_every_shipped_recipe_validates():
 
 
 def test_yaml_reads_no_as_a_string_and_2e_4_as_a_number():
-    from qlrlora.config import parse_yaml
+    from qlrlora.typed_yaml import parse_yaml
 
     assert parse_yaml("a: no\nb: 2e-4\nc: true\nd: 3") == {"a": "no", "b": 2e-4, "c": True, "d": 3}

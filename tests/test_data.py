@@ -89,3 +89,18 @@ def test_last_message_must_be_the_assistants(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(QLRError, match=r"m\.jsonl: line 1: field 'messages': the last message must be the assistant's"):
         load(path)
+
+
+def test_a_bad_row_is_blamed_on_its_own_line_even_when_the_first_row_looks_like_a_number(tmp_path):
+    rows = [{"prompt": f"{i}+1=", "completion": f" {i + 1}"} for i in range(11)] + [{"prompt": "x", "completion": 12}]
+    with pytest.raises(QLRError, match=r"line 12: field 'completion' is missing or empty"):
+        load(write_jsonl(tmp_path / "mixed.jsonl", rows))
+
+
+def test_a_file_that_is_not_text_or_not_objects_names_the_line(tmp_path):
+    (tmp_path / "bin.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n\xff\xfe\x00garbage\n')
+    with pytest.raises(QLRError, match="bin.jsonl: not UTF-8 text"):
+        load(tmp_path / "bin.jsonl")
+    (tmp_path / "list.jsonl").write_text('{"prompt": "a", "completion": "b"}\n[1, 2]\n')
+    with pytest.raises(QLRError, match="list.jsonl: line 2: expected a JSON object, got list"):
+        load(tmp_path / "list.jsonl")

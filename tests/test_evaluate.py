@@ -105,3 +105,22 @@ def test_cli_base_training_adapter_and_exported_peft_adapter_agree(tmp_path, cap
         results[name] = json.loads(out.read_text())
     assert results["lrlora"] == results["peft"]
     assert "average" in capsys.readouterr().out
+
+
+def test_a_peft_adapter_that_does_not_fit_the_base_is_one_line(tmp_path):
+    from qlrlora.evaluate import load_peft_adapter
+    from qlrlora.export import export_peft
+
+    other = {**TINY_LLAMA, "hidden_size": 32, "intermediate_size": 64}
+    model, _ = load_backbone(ModelConfig(init_config=other, quantize="none", dtype="float32"))
+    layers = inject_adapters(model, AdapterConfig(r_max=4, init_rank=2, dtype="float32"))
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.normal_()
+    export_peft(layers, tmp_path / "peft")
+    base, _ = fp32_tiny()
+    with pytest.raises(QLRError, match=r"does not fit this base model: .*lora_A.* has shape"):
+        load_peft_adapter(base, tmp_path / "peft")
+    (tmp_path / "peft" / "adapter_model.safetensors").unlink()
+    with pytest.raises(QLRError, match="has no adapter_model.safetensors"):
+        load_peft_adapter(base, tmp_path / "peft")

@@ -26,14 +26,22 @@ def error_of(capsys, *argv):
 def test_no_argument_says_what_to_run():
     result = subprocess.run([sys.executable, "-m", "qlrlora.sft"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
-    assert "python -m qlrlora.sft RECIPE.yaml" in result.stderr and "recipes/tiny_cpu.yaml" in result.stderr
+    assert "qlrlora-sft RECIPE" in result.stderr and "  tiny_cpu\n" in result.stderr
 
 
 def test_missing_recipe_from_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "qlrlora.sft", str(tmp_path / "nope.yaml")],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: recipe not found: {tmp_path / 'nope.yaml'}"
+    assert result.stderr.strip().startswith(f"error: recipe not found: {tmp_path / 'nope.yaml'} is neither a file nor")
+
+
+def test_a_shipped_recipe_is_found_by_name_and_a_typo_gets_a_suggestion():
+    from qlrlora.config import ConfigError, find_recipe
+
+    assert find_recipe("tiny_cpu") == find_recipe("tiny_cpu.yaml") == TINY.resolve()
+    with pytest.raises(ConfigError, match="did you mean 'tiny_cpu'"):
+        find_recipe("tiny_cpy")
 
 
 def test_yaml_syntax_error_names_the_line(capsys, tmp_path):

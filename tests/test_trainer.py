@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from qlrlora.config import recipe_from_dict
+from qlrlora.rundir import COMPLETE_MARKER
 from qlrlora.sft import build_trainer, run
-from qlrlora.trainer import COMPLETE_MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny_cpu.yaml"
@@ -17,7 +17,7 @@ TINY = ROOT / "recipes" / "tiny_cpu.yaml"
 
 def tiny_recipe(tmp_path, **sections):
     raw = yaml.safe_load(TINY.read_text())
-    raw["data"]["dataset"] = str(ROOT / raw["data"]["dataset"])
+    raw["data"]["dataset"] = str(TINY.parent / raw["data"]["dataset"])
     raw["output"]["dir"] = str(tmp_path / "out")
     raw["train"]["report_to"] = "none"
     for name, values in sections.items():
@@ -160,3 +160,18 @@ def test_training_warns_when_the_budget_is_out_of_reach(tmp_path, capsys):
     reachable = tiny_recipe(tmp_path / "ok", rank={"budget_avg_rank": 7}, train={"max_steps": 10, "save_strategy": "no"})
     build_trainer(reachable).train()
     assert "out of reach" not in capsys.readouterr().err
+
+
+def test_the_private_trainer_seams_we_use_exist():
+    """QLRSFTTrainer overrides two private Trainer methods and sets one private flag (trainer.py says why).
+    This fails loudly when a supported transformers release renames or reshapes them."""
+    import inspect
+
+    from transformers import Trainer, trainer_utils
+
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == ["self", "resume_from_checkpoint", "model"]
+    assert list(inspect.signature(Trainer._load_best_model).parameters) == ["self"]
+    assert "self._load_from_checkpoint(resume_from_checkpoint" in inspect.getsource(Trainer)
+    assert "self._load_best_model()" in inspect.getsource(Trainer)
+    assert "_hf_peft_config_loaded" in inspect.getsource(trainer_utils)
+    assert list(inspect.signature(Trainer.save_model).parameters) == ["self", "output_dir", "_internal_call"]
