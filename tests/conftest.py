@@ -24,6 +24,21 @@ def _cache(tmp_path_factory):
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The output directory of recipes/tiny_cpu.yaml run through the CLI once (for export and merge tests)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    result = subprocess.run([sys.executable, "-m", "qlrlora.sft", str(root / "recipes" / "tiny_cpu.yaml"),
+                             f"--output.dir={out}", "--train.report_to=none"],
+                            capture_output=True, text=True, cwd=root, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
