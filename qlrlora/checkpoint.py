@@ -22,6 +22,7 @@ from torch import nn
 
 from qlrlora.adapter import LRLoRALinear
 from qlrlora.config import AdapterConfig, RankConfig
+from qlrlora.distributed import full_tensor
 from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write, atomic_write_json
 from qlrlora.model import adapter_layers, wrap_modules
@@ -34,21 +35,30 @@ VERSION = 1
 HEADER_KEY = "qlrlora"
 
 
+def adapter_tensors(layers: dict[str, LRLoRALinear]) -> dict[str, torch.Tensor]:
+    """Factors and ranks on the CPU, whole: under FSDP a collective that every process must call."""
+    tensors = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            tensors[f"{name}.lora_A"] = full_tensor(layer.lora_A.detach()).contiguous().cpu()
+            tensors[f"{name}.lora_B"] = full_tensor(layer.lora_B.detach()).contiguous().cpu()
+            tensors[f"{name}.rank"] = layer.rank.detach().float().reshape(()).cpu()
+    return tensors
+
+
 def save_adapter(
     directory: str | Path,
     layers: dict[str, LRLoRALinear],
     adapter_config: AdapterConfig,
     rank_config: RankConfig | None = None,
     controller_state: dict | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """`tensors`: what `adapter_tensors(layers)` returned, when every process had to gather them first."""
     directory = Path(directory)
-    tensors = {}
-    modules = {}
-    for name, layer in layers.items():
-        tensors[f"{name}.lora_A"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"{name}.lora_B"] = layer.lora_B.detach().contiguous().cpu()
-        tensors[f"{name}.rank"] = layer.rank.detach().float().reshape(()).cpu()
-        modules[name] = {"r_max": layer.r_max, "in_features": layer.in_features, "out_features": layer.out_features}
+    tensors = adapter_tensors(layers) if tensors is None else tensors
+    modules = {name: {"r_max": layer.r_max, "in_features": layer.in_features, "out_features": layer.out_features}
+               for name, layer in layers.items()}
     temperature = next(iter(layers.values())).ranks.temperature
     meta = {
         "format": FORMAT,

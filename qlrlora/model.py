@@ -49,7 +49,10 @@ def load_backbone(config: ModelConfig, device_map=None):
 
     from qlrlora.assets import resolve_model
 
-    path, gguf_file = resolve_model(config)
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # one process downloads, converts or builds; the others read the cache
+        path, gguf_file = resolve_model(config)
     dtype = torch_dtype(config.dtype)
     kwargs = {
         "dtype": dtype,

@@ -74,7 +74,8 @@ def run(recipe: Recipe):
     if recipe.eval.after:
         after = _evaluate(trainer, questions, recipe.eval.batch_size, "after training", output_dir / "eval_after.json")
         print(format_results(before, after))
-    print(f"LR-LoRA adapter and ranks.json: {output_dir.resolve()}")
+    plot = " and ranks.png (the plot)" if (output_dir / "ranks.png").is_file() else ""
+    print(f"LR-LoRA adapter, ranks.json{plot}: {output_dir.resolve()}")
     if empty:
         print("warning: every learned rank is 0, so the adapter is empty and no PEFT export was written; "
               "lower rank.penalty or raise the budget", file=sys.stderr)
@@ -111,6 +112,7 @@ def build_trainer(recipe: Recipe):
     from qlrlora.trainer import QLRSFTTrainer
 
     set_seed(recipe.train.get("seed", 42))
+    _check_distribution(recipe)
     base_dir = Path(recipe.source).parent
     train_rows = load_sft_dataset(recipe.data, base_dir=base_dir)
     eval_rows = (
@@ -131,6 +133,18 @@ def build_trainer(recipe: Recipe):
     )
     _report_dropped_rows(len(train_rows), trainer, args)
     return trainer
+
+
+def _check_distribution(recipe: Recipe) -> None:
+    """Settings that cannot work under the distribution accelerate launched us with."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    from qlrlora.distributed import check_fsdp_settings
+
+    if PartialState().distributed_type == DistributedType.FSDP:
+        offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
+        check_fsdp_settings(recipe.model.quantize, recipe.model.dtype, recipe.model.quant_storage, offload)
 
 
 def _report_dropped_rows(given: int, trainer, args) -> None:

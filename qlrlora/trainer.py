@@ -26,8 +26,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from trl import SFTTrainer
 
 from qlrlora.adapter import LRLoRALinear
-from qlrlora.checkpoint import load_adapter, save_adapter
+from qlrlora.checkpoint import adapter_tensors, load_adapter, save_adapter
 from qlrlora.config import AdapterConfig, RankConfig
+from qlrlora.distributed import reduce_mean
 from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write_json
 from qlrlora.regularizer import RankController
@@ -84,11 +85,13 @@ class QLRSFTTrainer(SFTTrainer):
         """The adapter (safetensors + JSON), ranks.json / ranks.png, the tokenizer and the training arguments,
         instead of a copy of the whole quantized model. Trainer calls it for every checkpoint too."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        spread = self._rank_spread_across_processes()  # a collective: every process gets here
+        spread = self._rank_spread_across_processes()  # collectives: every process gets here
+        tensors = adapter_tensors(self.layers)  # whole factors even when FSDP shards them
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        save_adapter(output_dir, self.layers, self.adapter_config, self.rank_config, self.controller.state_dict())
+        save_adapter(output_dir, self.layers, self.adapter_config, self.rank_config, self.controller.state_dict(),
+                     tensors=tensors)
         write_rank_report(
             output_dir,
             self.controller,
@@ -152,10 +155,9 @@ class _RankStep(TrainerCallback):
             atomic_write_json(folder / COMPLETE_MARKER, {"global_step": state.global_step})
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        accelerator = self.trainer.accelerator
-        scaler = getattr(accelerator, "scaler", None)
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
         self.trainer.controller.step(
-            reduce=(lambda t: accelerator.reduce(t, reduction="mean")) if accelerator.num_processes > 1 else None,
+            reduce=reduce_mean,  # the same step on every process: DDP and FSDP never see the ranks
             grad_scale=float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0,
         )
 
