@@ -90,8 +90,10 @@ def base_gguf(base_dir: Path) -> Path:
     return out
 
 
-def gguf_logits(base_dir: Path, adapter: Path | None, token_lists: list[list[int]]) -> list[torch.Tensor]:
-    """Logits at every position, from llama.cpp running the base GGUF with the LoRA adapter applied."""
+def gguf_logits(base_dir: Path, adapter: Path | None, token_lists: list[list[int]],
+                every_position: int | None = None) -> list[torch.Tensor]:
+    """Logits from llama.cpp running the base GGUF with the LoRA adapter applied: at every position for the
+    first `every_position` token lists (all by default), at the last position for the rest."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -100,8 +102,10 @@ def gguf_logits(base_dir: Path, adapter: Path | None, token_lists: list[list[int
     model = Llama(model_path=str(base_gguf(base_dir)), lora_path=str(adapter) if adapter else None, n_ctx=512,
                   logits_all=True, verbose=False, n_threads=max(1, min(4, os.cpu_count() or 1)))
     out = []
-    for tokens in token_lists:
+    for i, tokens in enumerate(token_lists):
         model.reset()
         model.eval(tokens)
-        out.append(torch.tensor(model.scores[: len(tokens)], dtype=torch.float32))
+        whole = every_position is None or i < every_position
+        out.append(torch.tensor(model.scores[: len(tokens)] if whole else model.scores[len(tokens) - 1: len(tokens)],
+                                dtype=torch.float32))
     return out

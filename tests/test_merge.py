@@ -2,9 +2,11 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from qlrlora.errors import QLRError
-from qlrlora.merge import MERGE_FILE, RESIDUAL, load_merged, main, merge
+from qlrlora.export import base_model_of
+from qlrlora.merge import MERGE_FILE, main, merge
 
 
 def logits_of(model, tokenizer, text="merging must not change the model"):
@@ -14,10 +16,9 @@ def logits_of(model, tokenizer, text="merging must not change the model"):
 
 
 def trained_on_unquantized_base(tiny_run):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from qlrlora.checkpoint import load_adapter
-    from qlrlora.export import base_model_of
 
     base = base_model_of(tiny_run)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
@@ -28,13 +29,10 @@ def trained_on_unquantized_base(tiny_run):
 
 def test_bf16_merge_equals_base_plus_adapter(tiny_run, tmp_path):
     merge(tiny_run, tmp_path / "bf16", "bfloat16")
-    merged = load_merged(tmp_path / "bf16", dtype=torch.bfloat16).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
     assert merged.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     reference, tokenizer = trained_on_unquantized_base(tiny_run)
     expected, got = logits_of(reference, tokenizer), logits_of(merged, tokenizer)
-    from transformers import AutoModelForCausalLM
-
-    from qlrlora.export import base_model_of
 
     plain = logits_of(AutoModelForCausalLM.from_pretrained(str(base_model_of(tiny_run)), dtype=torch.float32), tokenizer)
     # bf16 weights and activations against an fp32 reference: within bf16's noise, far below the adapter's effect
@@ -42,7 +40,7 @@ def test_bf16_merge_equals_base_plus_adapter(tiny_run, tmp_path):
     assert (got - expected).abs().max() < 0.1 * (expected - plain).abs().max()
 
 
-@pytest.mark.parametrize("method", ["naive", "original", "keep"])
+@pytest.mark.parametrize("method", ["naive", "original"])
 def test_nf4_merge_loads_as_4bit_and_reports_its_error(tiny_run, tmp_path, method):
     import bitsandbytes as bnb
 
@@ -50,13 +48,8 @@ def test_nf4_merge_loads_as_4bit_and_reports_its_error(tiny_run, tmp_path, metho
     assert errors and all(0 <= e < 1 for e in errors.values())
     record = json.loads((tmp_path / method / MERGE_FILE).read_text())
     assert record["method"] == method and record["error_over_update"] == pytest.approx(errors)
-    model = load_merged(tmp_path / method, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / method, dtype=torch.bfloat16)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    if method == "keep":
-        assert (tmp_path / method / RESIDUAL / "adapter_config.json").is_file() and record["unmerged_modules"]
-        assert all(errors[name] == 0 for name in record["unmerged_modules"])  # those apply exactly, unmerged
-    else:
-        assert not (tmp_path / method / RESIDUAL).exists()
 
 
 def test_bad_merges_are_one_line(tiny_run, tmp_path, capsys):
