@@ -112,14 +112,14 @@ def build_from_config(init_config: dict, dtype: str = "float32") -> Path:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
 
-    def fill(tmp: Path) -> None:
+    def fill(tmp: Path, model=model) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": "init_config", "config": init_config, "dtype": dtype,
                                              "device": device.type}, indent=2))
 
     atomic_directory(target, fill)
-    del model
+    del fill, model
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the training process should not start with the built copy's memory reserved
     return target
@@ -265,7 +265,7 @@ def _convert_gguf(source: str, gguf_file: str, target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
-    def fill(tmp: Path) -> None:
+    def fill(tmp: Path, model=model) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": source, "gguf_file": gguf_file}, indent=2))

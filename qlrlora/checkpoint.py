@@ -22,7 +22,7 @@ from torch import nn
 
 from qlrlora.adapter import LRLoRALinear
 from qlrlora.config import AdapterConfig, RankConfig
-from qlrlora.distributed import full_tensor
+from qlrlora.distributed import copy_full, full_tensor
 from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write, atomic_write_json
 from qlrlora.model import adapter_layers, wrap_modules
@@ -122,7 +122,7 @@ def load_adapter(directory: str | Path, model: nn.Module) -> tuple[dict[str, LRL
                 if field == "rank":
                     layer.ranks.values[layer.index] = saved.float()
                 else:
-                    target.copy_(saved.to(target.dtype))
+                    copy_full(target, saved)  # under FSDP2 each process keeps its shard
             layer.ranks.temperature = meta["temperature"]
     return layers, meta
 

@@ -37,6 +37,16 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def copy_full(target: torch.Tensor, value: torch.Tensor) -> None:
+    """target <- value, where `value` is the whole tensor and `target` may be an FSDP2 shard (a DTensor): each
+    process keeps its own part. Every process must call it with the same value."""
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
+    target.copy_(value.to(target.dtype))
+
+
 def shard_decoder_blocks(model: nn.Module, mesh=None) -> nn.Module:
     """FSDP2: every decoder block its own unit, then the root. The adapters' factors shard with their block."""
     from torch.distributed.fsdp import fully_shard

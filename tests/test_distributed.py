@@ -31,12 +31,15 @@ def launch(mode, out, processes):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return launch("single", tmp_path_factory.mktemp("single"), 1)[0]
+    history = launch("single", tmp_path_factory.mktemp("single"), 1)[0]
+    assert history.pop()["reloaded"]
+    return history
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_train_like_one(single, tmp_path, mode):
     histories = launch(mode, tmp_path, 2)
+    assert all(history.pop()["reloaded"] for history in histories)  # saved whole, loaded back into the shards
     for step, row in enumerate(single):
         assert histories[0][step]["ranks"] == histories[1][step]["ranks"], step  # no drift between processes
         assert histories[0][step]["loss"] == pytest.approx(row["loss"], rel=1e-4), step
