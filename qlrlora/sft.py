@@ -51,6 +51,7 @@ def run(recipe: Recipe, callbacks: list | None = None):
     from qlrlora.report import format_rank_table, layer_ranks
 
     output_dir = Path(recipe.output.dir)
+    _join_processes(recipe)
     resume = _prepare_output_dir(recipe)
     trainer = build_trainer(recipe)
     for callback in callbacks or []:
@@ -176,6 +177,16 @@ def _sft_config(recipe: Recipe):
         return SFTConfig(output_dir=recipe.output.dir, **settings)
     except (ValueError, TypeError) as e:
         raise QLRError(f"{recipe.source}: train: {str(e).splitlines()[0]}") from None
+
+
+def _join_processes(recipe: Recipe) -> None:
+    """Set up accelerate's process state as training will: on CPUs (train.use_cpu, or no GPU) the processes join
+    over gloo. Left to its default, the state of a CPU-only machine is "not distributed", every process is
+    the main one, and all of them would prepare the output directory at once."""
+    import torch
+    from accelerate import PartialState
+
+    PartialState(cpu=bool(recipe.train.get("use_cpu", False)) or not torch.cuda.is_available())
 
 
 def _prepare_output_dir(recipe: Recipe) -> Path | None:

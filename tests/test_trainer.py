@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -139,10 +140,18 @@ def test_resume_from_an_incomplete_checkpoint_is_refused(tmp_path):
     assert "is not a complete checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+def free_port() -> int:
+    """A port nobody listens on: accelerate's default (29500) may belong to another job on the machine, and
+    two jobs on one port join each other's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "qlrlora.sft", str(TINY), f"--output.dir={out}", "--train.report_to=none", "--train.save_strategy=no"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
