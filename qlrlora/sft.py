@@ -186,7 +186,14 @@ def _join_processes(recipe: Recipe) -> None:
     import torch
     from accelerate import PartialState
 
-    PartialState(cpu=bool(recipe.train.get("use_cpu", False)) or not torch.cuda.is_available())
+    cpu = bool(recipe.train.get("use_cpu", False)) or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if not cpu and state.num_processes == 1 and torch.cuda.device_count() > 1:
+        raise QLRError(
+            f"{torch.cuda.device_count()} GPUs are visible to one process (Trainer would wrap the model in "
+            f"DataParallel, which LR-LoRA does not support): use them all with `accelerate launch --config_file "
+            f"recipes/accelerate/ddp.yaml -m qlrlora.sft ...`, or one with CUDA_VISIBLE_DEVICES=0"
+        )
 
 
 def _prepare_output_dir(recipe: Recipe) -> Path | None:

@@ -111,3 +111,19 @@ def test_every_prompt_filling_max_length_is_an_error(tmp_path, capsys):
     data = rows_file(tmp_path, ["Q: " + "1 + " * 17 + "0 ="] * 4)
     err = error_of(capsys, TINY, f"--data.dataset={data}", f"--output.dir={tmp_path / 'out'}", "--train.report_to=none")
     assert err == "error: data: the prompt of every one of the 4 training rows fills train.max_length=64; raise it"
+
+
+def test_several_gpus_in_one_process_is_refused_before_anything_loads(monkeypatch, tmp_path):
+    import torch
+
+    from qlrlora.config import load_recipe
+    from qlrlora.errors import QLRError
+    from qlrlora.sft import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("accelerate.PartialState", lambda cpu: type("State", (), {"num_processes": 1})())
+    recipe = load_recipe("tiny_cpu", ["--train.use_cpu=false", f"--output.dir={tmp_path / 'out'}"])
+    with pytest.raises(QLRError, match="2 GPUs are visible to one process.*CUDA_VISIBLE_DEVICES=0"):
+        run(recipe)
+    assert not (tmp_path / "out").exists()  # refused before the output directory is touched
