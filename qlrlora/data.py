@@ -12,13 +12,12 @@ the completion only (TRL's completion_only_loss):
 from __future__ import annotations
 
 import glob
-import gzip
-import json
 from pathlib import Path
 
 from qlrlora.commonsense import named_dataset_files
 from qlrlora.config import DataConfig
 from qlrlora.errors import QLRError
+from qlrlora.io import jsonl_rows
 
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 FORMAT_COLUMNS = {
@@ -97,26 +96,12 @@ def _is_jsonl(path: Path) -> bool:
 def _check_jsonl(path: Path, requested: str) -> None:
     """Check every row of a JSON-lines file as written, before datasets infers column types: it would
     turn a number in one row into the column's type and blame another row for it."""
-
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
     fmt = None
-    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-        try:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise QLRError(f"{path}: line {number}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise QLRError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-                fmt = fmt or detect_format(list(row), f"{path}: line {number}", requested)
-                problem = _row_problem(row, fmt)
-                if problem:
-                    raise QLRError(f"{path}: line {number}: {problem}")
-        except UnicodeDecodeError as e:
-            raise QLRError(f"{path}: not UTF-8 text (byte {e.start} of a line cannot be decoded)") from None
+    for number, row in jsonl_rows(path):
+        fmt = fmt or detect_format(list(row), f"{path}: line {number}", requested)
+        problem = _row_problem(row, fmt)
+        if problem:
+            raise QLRError(f"{path}: line {number}: {problem}")
 
 
 def _file_loader(path: Path) -> str | None:
@@ -167,14 +152,7 @@ def _select_split(loaded, split: str, name: str):
 
 
 def _describe_bad_file(path: Path, error: Exception) -> str:
-    if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    if line.strip():
-                        json.loads(line)
-                except json.JSONDecodeError as e:
-                    return f"{path}: line {number}: invalid JSON ({e.msg})"
+    """JSON-lines files were checked line by line before (_check_jsonl); this is for the other formats."""
     first = str(error).strip().splitlines()
     return f"{path}: cannot read it as a dataset ({first[0] if first else type(error).__name__})"
 

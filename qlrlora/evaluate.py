@@ -18,7 +18,6 @@ mean over tasks.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from qlrlora.commonsense import named_dataset_files
 from qlrlora.errors import QLRError
+from qlrlora.io import jsonl_rows
 
 
 @dataclass
@@ -68,22 +68,15 @@ def load_mc_tasks(
 
 def _read_questions(path: Path) -> list[Question]:
     questions = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QLRError(f"{path}: line {number}: invalid JSON ({e.msg})") from None
-            choices, gold = row.get("choices"), row.get("gold")
-            if not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                raise QLRError(f"{path}: line {number}: field 'prompt' is missing or empty")
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                raise QLRError(f"{path}: line {number}: field 'choices' must list at least two strings")
-            if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-                raise QLRError(f"{path}: line {number}: field 'gold' must index 'choices', got {gold!r}")
-            questions.append(Question(row.get("task") or path.stem, row["prompt"], choices, gold))
+    for number, row in jsonl_rows(path):
+        choices, gold = row.get("choices"), row.get("gold")
+        if not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise QLRError(f"{path}: line {number}: field 'prompt' is missing or empty")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise QLRError(f"{path}: line {number}: field 'choices' must list at least two strings")
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise QLRError(f"{path}: line {number}: field 'gold' must index 'choices', got {gold!r}")
+        questions.append(Question(row.get("task") or path.stem, row["prompt"], choices, gold))
     return questions
 
 

@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from qlrlora.errors import QLRError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -40,6 +42,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def jsonl_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file (gzipped if it ends in .gz); a line
+    that is not a JSON object, or bytes that are not UTF-8, are one-line errors naming the file and line."""
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+        try:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise QLRError(f"{path}: line {number}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise QLRError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+                yield number, row
+        except UnicodeDecodeError as e:
+            raise QLRError(f"{path}: not UTF-8 text (byte {e.start} of a line cannot be decoded)") from None
 
 
 def atomic_directory(path: str | Path, fill: Callable[[Path], None]) -> None:
