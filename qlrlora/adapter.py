@@ -43,6 +43,12 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (Linear4bit is not None and isinstance(module, Linear4bit))
 
 
+# While a rank learns, the forward pass computes the components up to this many temperatures past its
+# boundary; the soft mask's derivative further out is under 5e-7 of its peak. At 8 temperatures (1.4e-3) the
+# planted-rank tests already ended one rank off: near convergence the far components' pull is what is left.
+WINDOW = 16.0
+
+
 @dataclass
 class PrunedFactors:
     """A layer cut to its hard rank, exactly what its forward pass computes: delta_W = B @ A, scaling in B."""
@@ -73,6 +79,12 @@ class Ranks:
         self.exists = self.offsets[None, :] < self.r_max[:, None]
         # Width, in components, of the window around the boundary whose components give the rank its gradient.
         self.temperature = temperature
+        # Whether the ranks still move: the forward pass then computes what their gradient needs. The rank
+        # controller turns it off once the ranks are frozen (or fixed from the start).
+        self.learning = True
+        self._cache_key = None
+        self._hard_list: list[int] = []
+        self._slope: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.values.numel()
@@ -85,6 +97,31 @@ class Ranks:
         """Components switched on per layer: round(rank) within [0, r_max]; what the forward uses and export keeps."""
         with torch.no_grad():
             return ((self.values[:, None] >= self.offsets) & self.exists).sum(dim=1)
+
+    def window(self, index: int) -> tuple[int, int, torch.Tensor | None]:
+        """What one layer's forward pass computes: (hard rank k, components computed kk, rank-gradient slope).
+
+        Without a rank gradient to compute (ranks not learning, or no autograd) kk = k and the slope is
+        None. Otherwise kk reaches WINDOW temperatures past the boundary, and the slope (fp32, kk values) is
+        the derivative of sigmoid((rank - offsets) / temperature) with respect to the rank. Hard ranks and
+        slopes are computed for all layers at once, when the ranks changed (one host sync), not per call."""
+        self._refresh()
+        k, r_max = self._hard_list[index], int(self._r_max_list[index])
+        if not (self.learning and self.values.requires_grad and torch.is_grad_enabled()):
+            return k, k, None
+        kk = min(r_max, k + math.ceil(WINDOW * self.temperature))
+        return k, kk, self._slope[index, :kk]
+
+    def _refresh(self) -> None:
+        key = (id(self.values), self.values._version, self.temperature)  # _version: bumped by every in-place write
+        if key == self._cache_key:
+            return
+        with torch.no_grad():
+            self._hard_list = self.hard().tolist()
+            self._r_max_list = self.r_max.tolist()
+            soft = torch.sigmoid((self.values[:, None] - self.offsets) / self.temperature)
+            self._slope = soft * (1 - soft) / self.temperature
+        self._cache_key = key
 
     def layer_mask(self, index: int) -> torch.Tensor:
         """The 0/1 mask of one layer's components, fp32."""
@@ -102,48 +139,73 @@ class Ranks:
         self.values.copy_(self.hard().float())
 
 
-class _MaskedLowRank(torch.autograd.Function):
-    """`s * ((x A^T) * m) B^T` with the hard mask `m = rank > offsets`, as one autograd node.
+class _LowRankUpdate(torch.autograd.Function):
+    """`result + s * (x A[:k]^T) B[:, :k]^T`, the base output plus the first `k` components, as one autograd node.
 
-    The rank's gradient is straight-through: that of the soft mask sigmoid((rank - offsets) / temperature).
-    Written out with torch ops this records about a dozen autograd nodes per layer (the mask's
-    arithmetic, casts, two matmuls, the scaling); with 200+ adapted layers a small model's step is
-    bound by launching them (docs/benchmarks/smollm2_commonsense.md). Matmuls run in the factors'
-    dtype, the mask and the rank's gradient in fp32. Autocast is off inside, so the adapter computes
-    in its own dtype whether or not the trainer runs under autocast.
+    The mask is a prefix, so the forward pass computes only the live components (`k`, the hard rank)
+    and adds them to the base output in one matrix product (`addmm`, the scale as its alpha): no mask
+    is multiplied in, no component past the rank costs a FLOP. Written out with torch ops the branch
+    recorded about a dozen autograd nodes per layer; with 200+ adapted layers a small model's step is
+    bound by launching them (docs/benchmarks/smollm2_commonsense.md).
+
+    While the rank learns, `x A^T` is computed for `kk >= k` components, and the rank's gradient is
+    the straight-through one of the soft mask sigmoid((rank - offsets) / temperature) over those
+    components: `slope` holds that sigmoid's derivative for each of them (`Ranks.window`). The
+    components past `kk` are more than `Ranks.window` temperatures past the boundary; their share of
+    the gradient is left out (the sigmoid's derivative there is under 5e-7 of its peak). The
+    gradient is added straight into the rank vector's `.grad` at `index`, not routed through
+    autograd (that cost an indexing node per layer and its backward). Matmuls run in the factors'
+    dtype, the rank's gradient in fp32; autocast is off inside, so the adapter computes in its own
+    dtype whether or not the trainer runs under autocast.
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, rank, offsets, temperature, scaling):
+    def forward(ctx, result, x, A, B, k, kk, slope, scaling, ranks, index):
         with torch.autocast(x.device.type, enabled=False):
-            on = (rank.detach() >= offsets).to(A.dtype) * scaling
-            h = x @ A.t()
-            ctx.save_for_backward(x, A, B, h, on, rank.detach(), offsets)
-            ctx.temperature, ctx.scaling = temperature, scaling
-            return (h * on) @ B.t()
+            x2 = x.reshape(-1, x.shape[-1])
+            h = x2 @ A[:kk].t()
+            flat = result.reshape(-1, result.shape[-1])
+            if flat.dtype == A.dtype:
+                out = torch.addmm(flat, h[:, :k], B[:, :k].t(), alpha=scaling)
+            else:
+                out = flat + _scaled_mm(h[:, :k], B[:, :k].t(), scaling).to(flat.dtype)
+            ctx.save_for_backward(x, A, B, h, slope)
+            ctx.k, ctx.scaling, ctx.ranks, ctx.index = k, scaling, ranks, index
+            return out.view(result.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, A, B, h, on, rank, offsets = ctx.saved_tensors
-        need_x, need_A, need_B, need_rank = ctx.needs_input_grad[:4]
-        dx = dA = dB = drank = None
+        x, A, B, h, slope = ctx.saved_tensors
+        k, kk, s = ctx.k, h.shape[-1], ctx.scaling
+        need_result, need_x, need_A, need_B = ctx.needs_input_grad[:4]
+        dx = dA = dB = None
         with torch.autocast(dy.device.type, enabled=False):
-            dy = dy.reshape(-1, dy.shape[-1]).to(B.dtype)
-            h2 = h.reshape(-1, h.shape[-1])
-            dg = dy @ B
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(B.dtype)
+            x2 = x.reshape(-1, x.shape[-1])
+            dg = dy2 @ B[:, :kk]  # unscaled; every product below takes the scale as its alpha
             if need_B:
-                dB = dy.t() @ (h2 * on)
-            dh = dg * on
+                dB = torch.zeros_like(B) if k < B.shape[1] else torch.empty_like(B)
+                _scaled_mm(dy2.t(), h[:, :k], s, out=dB[:, :k])
             if need_A:
-                dA = dh.t() @ x.reshape(-1, x.shape[-1])
+                dA = torch.zeros_like(A) if k < A.shape[0] else torch.empty_like(A)
+                _scaled_mm(dg[:, :k].t(), x2, s, out=dA[:k])
             if need_x:
-                dx = (dh @ A).view(x.shape)
-            if need_rank:
-                dm = (dg * h2).sum(0, dtype=torch.float32)
-                sig = torch.sigmoid((rank - offsets) / ctx.temperature)
-                drank = (dm * sig * (1 - sig)).sum() * (ctx.scaling / ctx.temperature)
-        return dx, dA, dB, drank, None, None, None
+                dx = _scaled_mm(dg[:, :k], A[:k], s).view(x.shape)
+            if slope is not None:
+                values = ctx.ranks.values
+                if values.grad is None:
+                    values.grad = torch.zeros_like(values)
+                dm = (dg.float() * h.float()).sum(0)
+                values.grad.narrow(0, ctx.index, 1).addmv_(dm[None], slope, alpha=s)
+        return dy if need_result else None, dx, dA, dB, None, None, None, None, None, None
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`alpha * a @ b` in one matrix product (beta = 0: the first argument of addmm is ignored)."""
+    if out is None:
+        return torch.addmm(a.new_empty(1), a, b, beta=0, alpha=alpha)
+    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
 
 
 class LRLoRALinear(nn.Module):
@@ -203,11 +265,13 @@ class LRLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        delta = _MaskedLowRank.apply(
-            self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, self.rank,
-            self.ranks.offsets[: self.r_max], self.ranks.temperature, self.scaling,
+        k, kk, slope = self.ranks.window(self.index)
+        if kk == 0:
+            return result
+        return _LowRankUpdate.apply(
+            result, self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, k, kk, slope, self.scaling,
+            self.ranks, self.index,
         )
-        return result + delta.to(result.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

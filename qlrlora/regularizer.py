@@ -70,6 +70,7 @@ class RankController:
         self.start_cost: float | None = None
         self.frozen = False
         self.ranks.temperature = config.temperature
+        self.ranks.learning = True
         if config.mode == "fixed":
             self._freeze()
 
@@ -184,6 +185,7 @@ class RankController:
             self._round_within_budget()
         self.ranks.snap_()
         self.frozen = True
+        self.ranks.learning = False  # the forward pass stops computing the ranks' gradient
         if self.config.mode == "budget":
             self.penalty = 0.0
 
@@ -242,3 +244,4 @@ class RankController:
         self.moving_steps = int(state["moving_steps"])
         self.start_cost = state["start_cost"]
         self.frozen = bool(state["frozen"])
+        self.ranks.learning = not self.frozen

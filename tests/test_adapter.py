@@ -140,50 +140,129 @@ def test_only_linear_layers_can_be_wrapped():
 
 
 def reference_delta(layer: LRLoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """The adapter branch written out with plain torch ops: hard mask forward, the soft mask's gradient."""
+    """The adapter branch written out with plain torch ops over every component: the hard mask forward,
+    the soft mask's gradient."""
     soft = torch.sigmoid((layer.rank - torch.arange(layer.r_max, dtype=torch.float32) - 0.5) / layer.ranks.temperature)
     mask = layer.rank_mask() + soft - soft.detach()  # straight-through: the value of the hard mask
     h = x.to(layer.lora_A.dtype) @ layer.lora_A.t()
     return (h * (mask * layer.scaling).to(h.dtype)) @ layer.lora_B.t()
 
 
-def test_fused_branch_passes_gradcheck_in_float64():
-    """The factors' and input's gradients are exact; the rank's is the straight-through one (checked below)."""
-    from qlrlora.adapter import _MaskedLowRank
-
-    torch.manual_seed(0)
-    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
-    A = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
-    rank = torch.tensor(2.7, dtype=torch.float64)
-    offsets = torch.arange(6, dtype=torch.float64) + 0.5
-    assert torch.autograd.gradcheck(lambda *t: _MaskedLowRank.apply(*t, rank, offsets, 0.8, 1.3), (x, A, B))
+def branch_grads(layer: LRLoRALinear, x: torch.Tensor, upstream: torch.Tensor, ours: bool):
+    """The output and the gradients of x, lora_A, lora_B and the rank vector, by our layer or the reference."""
+    for t in (x, layer.lora_A, layer.lora_B, layer.ranks.values):
+        t.grad = None
+    output = layer(x) if ours else reference_delta(layer, x).float()
+    (output.float() * upstream).sum().backward()
+    return output, (x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.ranks.values.grad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_branch_matches_plain_autograd(dtype):
-    torch.manual_seed(0)
-    layer = LRLoRALinear(nn.Linear(40, 24, bias=False), r_max=12, init_rank=5.4, alpha=6.0, dtype=dtype)
-    layer.ranks.temperature = 0.7
+def adapter_only(r_max: int, rank: float, temperature: float, dtype=torch.float32, features=(40, 24)) -> LRLoRALinear:
+    """A layer whose output is its adapter branch alone (base weights zero), with a random B."""
+    layer = LRLoRALinear(nn.Linear(*features, bias=False), r_max=r_max, init_rank=rank, alpha=6.0, dtype=dtype)
+    layer.ranks.temperature = temperature
     with torch.no_grad():
         layer.lora_B.normal_()
-        layer.base.weight.zero_()  # the layer's output is its adapter branch alone
-    x = torch.randn(4, 9, 40, requires_grad=True)
-    upstream = torch.randn(4, 9, 24)
+        layer.base.weight.zero_()
+    return layer
 
-    def grads(output):
-        params = (x, layer.lora_A, layer.lora_B, layer.ranks.values)
-        return output, torch.autograd.grad((output.float() * upstream).sum(), params)
 
-    ours, our_grads = grads(layer(x))
-    theirs, their_grads = grads(reference_delta(layer, x).float())
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(ours.float(), theirs, **tol)
-    for name, a, b in zip(("x", "lora_A", "lora_B", "rank"), our_grads, their_grads):
+def assert_grads_close(ours, theirs, tol, names=("x", "lora_A", "lora_B", "rank")):
+    for name, a, b in zip(names, ours, theirs):
         assert a.dtype == b.dtype, name
         scale = b.float().abs().max()
         assert scale > 0, name
         torch.testing.assert_close(a.float() / scale, b.float() / scale, **tol, msg=name)
+
+
+def test_fused_branch_passes_gradcheck_in_float64():
+    """The input's, the factors' and the base output's gradients are exact (the rank's: the tests below)."""
+    from qlrlora.adapter import _LowRankUpdate
+
+    torch.manual_seed(0)
+    result = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    for k in (0, 3, 6):
+        assert torch.autograd.gradcheck(
+            lambda *t: _LowRankUpdate.apply(*t, k, k, None, 1.3, None, 0), (result, x, A, B)
+        ), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_branch_matches_plain_autograd(dtype):
+    """While the window reaches r_max, every gradient, the rank's included, is the reference's."""
+    torch.manual_seed(0)
+    layer = adapter_only(r_max=10, rank=5.4, temperature=0.7, dtype=dtype)
+    assert layer.ranks.window(layer.index)[1] == 10
+    x = torch.randn(4, 9, 40, requires_grad=True)
+    upstream = torch.randn(4, 9, 24)
+    ours, our_grads = branch_grads(layer, x, upstream, ours=True)
+    theirs, their_grads = branch_grads(layer, x, upstream, ours=False)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.float(), theirs, **tol)
+    assert_grads_close(our_grads, their_grads, tol)
+
+
+def test_components_past_the_window_are_not_computed():
+    """A rank far below r_max computes k + WINDOW components; the rank's gradient stays within 1e-4 of the one
+    over all r_max components, and the other gradients are exact."""
+    from qlrlora.adapter import WINDOW
+
+    torch.manual_seed(0)
+    layer = adapter_only(r_max=64, rank=10.3, temperature=1.0)
+    assert 10 + WINDOW < 64
+    k, kk, slope = layer.ranks.window(layer.index)
+    assert (k, kk) == (10, 10 + int(WINDOW)) and slope.shape == (kk,)
+    x = torch.randn(4, 9, 40, requires_grad=True)
+    upstream = torch.randn(4, 9, 24)
+    ours, our_grads = branch_grads(layer, x, upstream, ours=True)
+    theirs, their_grads = branch_grads(layer, x, upstream, ours=False)
+    tight = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, **tight)
+    assert_grads_close(our_grads[:3], their_grads[:3], tight)
+    torch.testing.assert_close(our_grads[3], their_grads[3], rtol=1e-4, atol=0)
+    with torch.no_grad():  # what lies past the window never enters the arithmetic
+        layer.lora_A[kk:] = float("nan")
+        layer.lora_B[:, kk:] = float("nan")
+    _, grads = branch_grads(layer, x, upstream, ours=True)
+    assert all(bool(torch.isfinite(g[:, :kk] if g.ndim == 2 and g.shape[1] == 64 else g[:kk] if g.shape[0] == 64
+                                   else g).all()) for g in grads)
+
+
+def test_frozen_or_gradient_free_forward_computes_only_the_hard_rank():
+    torch.manual_seed(0)
+    layer = adapter_only(r_max=16, rank=6.2, temperature=1.0)
+    assert layer.ranks.window(layer.index)[:2] == (6, 16)
+    with torch.no_grad():
+        assert layer.ranks.window(layer.index) == (6, 6, None)
+    layer.ranks.learning = False
+    assert layer.ranks.window(layer.index) == (6, 6, None)
+    with torch.no_grad():
+        layer.lora_A[6:] = float("nan")
+        layer.lora_B[:, 6:] = float("nan")
+    x = torch.randn(3, 40, requires_grad=True)
+    layer(x).sum().backward()
+    assert bool(torch.isfinite(x.grad).all()) and layer.ranks.values.grad is None
+    assert bool((layer.lora_A.grad[6:] == 0).all()) and bool((layer.lora_B.grad[:, 6:] == 0).all())
+    assert bool(torch.isfinite(layer.lora_A.grad).all()) and bool(torch.isfinite(layer.lora_B.grad).all())
+
+
+def test_hard_ranks_follow_every_write_to_the_rank_vector():
+    """The per-layer hard ranks are cached between writes; any in-place write to the vector refreshes them."""
+    layer = adapter_only(r_max=16, rank=6.2, temperature=1.0)
+    assert layer.ranks.window(layer.index)[0] == 6
+    with torch.no_grad():
+        layer.ranks.values.add_(3.0)
+    assert layer.ranks.window(layer.index)[0] == 9
+    with torch.no_grad():
+        layer.ranks.values[0] = 2.0
+    assert layer.ranks.window(layer.index)[0] == 2
+    layer.ranks.snap_()
+    assert layer.ranks.window(layer.index)[0] == 2
+    layer.ranks.temperature = 0.5
+    assert layer.ranks.window(layer.index)[1] == 2 + 8
 
 
 def test_fused_branch_ignores_autocast_and_computes_in_the_adapter_dtype():
