@@ -37,6 +37,9 @@ class ModelConfig:
     # auto: flash_attention_2 where flash-attn is installed, sdpa otherwise.
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
+    # With train.gradient_checkpointing: keep each decoder block's input in pinned CPU memory, not on the GPU
+    # (qlrlora/offload.py); the memory that grows with the sequence, for a little PCIe traffic.
+    offload_checkpoints: bool = False
 
     def validate(self, where: str) -> None:
         if (self.name_or_path is None) == (self.init_config is None):

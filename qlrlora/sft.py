@@ -112,8 +112,9 @@ def _evaluate(trainer, questions, batch_size: int, desc: str, path: Path) -> dic
     return results
 
 
-def build_trainer(recipe: Recipe):
-    """Backbone, adapters, data and the QLRSFTTrainer for a recipe, ready to train."""
+def build_trainer(recipe: Recipe, loaded: tuple | None = None):
+    """Backbone, adapters, data and the QLRSFTTrainer for a recipe, ready to train. `loaded`: the (model,
+    tokenizer, layers) of an earlier trainer of the same recipe, to train again without loading the model."""
     from transformers import set_seed
 
     from qlrlora.data import load_sft_dataset
@@ -128,8 +129,18 @@ def build_trainer(recipe: Recipe):
         load_sft_dataset(recipe.data, recipe.data.eval_dataset, base_dir) if recipe.data.eval_dataset else None
     )
     args = _sft_config(recipe)
-    model, tokenizer = load_backbone(recipe.model, device_map="cpu" if args.use_cpu else None)
-    layers = inject_adapters(model, recipe.adapter)
+    if loaded is None:
+        model, tokenizer = load_backbone(recipe.model, device_map="cpu" if args.use_cpu else None)
+        layers = inject_adapters(model, recipe.adapter)
+    else:
+        model, tokenizer, layers = loaded
+    if recipe.model.offload_checkpoints:
+        from qlrlora.offload import enable_offloaded_checkpoints
+
+        if not (getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing):
+            raise QLRError(f"{recipe.source}: model.offload_checkpoints: offloads what gradient checkpointing keeps; "
+                           "set train.gradient_checkpointing: true as well")
+        enable_offloaded_checkpoints(model)
     trainer = QLRSFTTrainer(
         model=model,
         args=args,
