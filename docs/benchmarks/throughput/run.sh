@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The runs of docs/benchmarks/throughput.md on one H200, one stage per device call (each under 10 minutes):
+#   bash docs/benchmarks/throughput/run.sh mb8    # the 8B shape at micro-batch 8 x 2048, every configuration
+#   bash docs/benchmarks/throughput/run.sh mb2    # GPU tests; micro-batch 2 x 2048
+#   bash docs/benchmarks/throughput/run.sh seq24  # the longest sequence at micro-batch 1 within 24 GiB
+#   RUNS=/root/qlr-runs2 bash docs/benchmarks/throughput/run.sh offload  # offloaded checkpoints, beside stock
+# Stages add to the same OUT/throughput/throughput.json (kept on the warm machine under $RUNS); each call
+# returns it and the logs as one archive.
+set -uo pipefail
+stage=$1
+export QLRLORA_CACHE=${QLRLORA_CACHE:-/root/qlr-cache} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+runs=${RUNS:-/root/qlr-runs}/throughput; out=${OUT:-/tmp/out}; mkdir -p "$runs" "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$runs/gpu.txt"
+bench() { timeout "${STAGE_LIMIT:-530}" python -m qlrlora.throughput all "$runs" --timeout "${RUN_LIMIT:-240}" "$@" 2>&1 | tee -a "$runs/console.txt"; }
+case $stage in
+mb8)
+  bench --micro-batches 8 --steps 12 --max-seq ;;
+mb2)
+  python -m pytest -q -m gpu tests > "$runs/gpu_tests.log" 2>&1; tail -1 "$runs/gpu_tests.log"
+  python -m pytest -q tests/test_adapter.py > "$runs/adapter_tests_cuda.log" 2>&1; tail -1 "$runs/adapter_tests_cuda.log"
+  bench --micro-batches 2 --steps 16 --configs stock_peft qlr_fixed qlr_learned qlr_learned_liger --max-seq ;;
+seq24)
+  bench --micro-batches --configs --max-seq stock_peft qlr_learned ;;
+offload)  # a separate RUNS: stock_peft measured again beside the offloaded runs
+  bench --micro-batches 8 --steps 12 --configs stock_peft qlr_learned_offload qlr_learned_liger_offload --max-seq
+  bench --micro-batches 2 --steps 16 --configs stock_peft qlr_learned_liger_offload \
+    --max-seq qlr_learned_liger_offload qlr_learned_liger ;;
+esac
+python -m qlrlora.throughput report "$runs/throughput.json" > "$runs/report.md"
+tar czf "$out/throughput-$stage.tgz" --exclude=work -C "$(dirname "$runs")" throughput

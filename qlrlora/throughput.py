@@ -1,0 +1,622 @@
+"""Throughput and memory of QLR-LoRA against the stock PEFT + bitsandbytes + TRL stack, on one GPU.
+
+    python tools/bench_throughput.py all OUT [--model llama3-8b] [--micro-batches 2 8] [--seq 2048] [--steps 20]
+    python tools/bench_throughput.py one CONFIG --json PATH [--micro-batch B] [--seq L] ...
+    python tools/bench_throughput.py report OUT/throughput.json
+    python tools/bench_throughput.py combine CALL1 CALL2 ... --json SUMMARY.json
+
+`all` runs every configuration as its own process, one after the other (never side by side: the
+timings would share the GPU), on the same synthetic token batches and the same NF4 double-quant
+backbone (bf16 compute, SDPA), and writes OUT/throughput.json; `report` prints its tables.
+
+Configurations (`CONFIGS`):
+- `stock_peft`: the stock stack as a user writes it: a PEFT `LoraConfig` (r 16, alpha 32, dropout
+  0.05, all linear layers) passed to TRL's `SFTTrainer` as `peft_config`, which prepares the 4-bit
+  model itself;
+- `qlr_fixed`: QLR-LoRA with every rank fixed at 16 (plain LoRA through our trainer);
+- `qlr_learned`: QLR-LoRA learning the ranks: r_max 64, budget average rank 16, as
+  recipes/llama3_8b_commonsense.yaml;
+- `*_liger`: the same with Liger's RMSNorm, RoPE and SwiGLU kernels (`train.use_liger_kernel`; TRL
+  keeps its own fused LM head, so the logits are never materialised in any configuration);
+- `qlr_*_liger_offload`: and the checkpointed blocks' inputs kept in CPU memory (`model.offload_checkpoints`).
+Every configuration uses gradient checkpointing (non-reentrant), AdamW and a constant learning rate.
+
+Measured per run: tokens per second (TRL's count of trained tokens over the timed steps), the
+median step time after the first 3 steps (and per rank phase for learned ranks: at r_max during the
+warm-up, while the ranks move, once they are frozen), peak allocated and reserved GPU memory, the
+memory of the loaded model (allocated once the trainer is built, before the first step), the losses,
+and MFU: the FLOPs a step needs (below) over the bf16 matrix-product peak measured in the same run.
+
+FLOPs per token: 4 x the parameters of the linear layers of the blocks and the LM head (forward,
+and the backward pass to the inputs: the frozen base needs no weight gradient; the adapters' own
+FLOPs are under 1% and not counted), plus causal attention, 6 x layers x hidden x sequence (forward
+2, backward 4). The recomputation of checkpointed blocks is not counted: it is overhead, not work.
+
+`--memory-gib 24` holds the process to 24 GiB (`torch.cuda.set_per_process_memory_fraction`), as a
+consumer card would; `max_seq` then trains micro-batch 1 at doubling sequence lengths (in one
+process, one model load) until one runs out of memory, and records the longest that trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qlrlora.errors import QLRError
+from qlrlora.io import atomic_write_json
+
+LLAMA3_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1.0e-5,
+    "tie_word_embeddings": False,
+}
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "vocab_size": 320,
+}
+MODELS = {"llama3-8b": LLAMA3_8B, "tiny": TINY}
+
+# name -> (stack, adapter settings); every QLR configuration also exists with Liger's layer kernels.
+_BASE_CONFIGS = {
+    "stock_peft": ("peft", {"r": 16, "alpha": 32.0, "dropout": 0.05}),
+    "qlr_fixed": ("qlr", {"r_max": 16, "alpha": 32.0, "dropout": 0.05, "rank": {"mode": "fixed"}}),
+    "qlr_learned": ("qlr", {"r_max": 64, "alpha": 32.0, "dropout": 0.05,
+                            "rank": {"mode": "budget", "budget_avg_rank": 16, "rank_lr": 0.05}}),
+}
+CONFIGS = {**_BASE_CONFIGS, **{f"{name}_liger": spec for name, spec in _BASE_CONFIGS.items()},
+           **{f"{name}{kernels}_offload": spec for name, spec in _BASE_CONFIGS.items() if spec[0] == "qlr"
+              for kernels in ("", "_liger")}}
+DEFAULT_CONFIGS = ("stock_peft", "qlr_fixed", "qlr_learned", "qlr_learned_liger", "stock_peft_liger")
+COMPLETION_CHARS = 64
+
+
+def synthetic_rows(path: Path, rows: int, tokens: int) -> Path:
+    """`rows` prompt/completion rows of random words, `tokens - 2` characters each, the last 64 the completion.
+    The config-built models' byte tokenizer makes one token of each character and TRL appends EOS, so a row
+    trains `tokens - 1` tokens (what the GPU figures ran with; TRL counts the tokens it trained)."""
+    rng = random.Random(0)
+    chars = tokens - 2
+    with open(path, "w") as f:
+        for _ in range(rows):
+            words = []
+            while sum(len(w) + 1 for w in words) < chars:
+                words.append("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))))
+            text = " ".join(words)[:chars]
+            f.write(json.dumps({"prompt": text[:-COMPLETION_CHARS], "completion": text[-COMPLETION_CHARS:]}) + "\n")
+    return path
+
+
+def flops_per_token(config: dict, seq: int) -> float:
+    """The work a training token needs with a frozen base (see the module docstring)."""
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    block = h * h * 2 + h * kv * 2 + 3 * h * i  # q, o; k, v; gate, up, down
+    linear = layers * block + h * config["vocab_size"]
+    return 4.0 * linear + 6.0 * layers * h * seq
+
+
+def matmul_peak_tflops(size: int = 8192, repeats: int = 20) -> float | None:
+    """Median bf16 TFLOP/s of a size^3 matrix product on random data, by CUDA events; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+class _StepTimes:
+    """A TrainerCallback: the wall time of every optimizer step (CUDA synchronised) and the rank phase it ran in."""
+
+    def __init__(self, phase=lambda: "fixed"):
+        from transformers import TrainerCallback
+
+        self.times, self.phases, self.last, self.phase = [], [], None, phase
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                outer._sync()
+                outer.phases.append(outer.phase())
+                outer.last = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                outer._sync()
+                outer.times.append(time.perf_counter() - outer.last)
+
+        self.callback = Callback()
+
+    @staticmethod
+    def _sync():
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def _recipe(stack_settings: dict, model_path: str, rows: Path, out: Path, micro_batch: int, seq: int, steps: int,
+            liger: bool, offload: bool, optim: str, use_cpu: bool):
+    from qlrlora.config import recipe_from_dict
+
+    adapter = {"targets": "all-linear", "r_max": stack_settings["r_max"], "alpha": stack_settings["alpha"],
+               "dropout": stack_settings["dropout"], "dtype": "bfloat16"}
+    raw = {
+        "model": {"name_or_path": model_path, "quantize": "nf4", "double_quant": True, "dtype": "bfloat16",
+                  "attn_implementation": "sdpa", "offload_checkpoints": offload},
+        "adapter": adapter,
+        "rank": stack_settings.get("rank", {"mode": "fixed"}),
+        "data": {"dataset": str(rows)},
+        "train": _train_settings(micro_batch, seq, steps, liger, optim, use_cpu),
+        "output": {"dir": str(out), "overwrite": True},
+    }
+    return recipe_from_dict(raw, "<bench_throughput>")
+
+
+def _train_settings(micro_batch: int, seq: int, steps: int, liger: bool, optim: str, use_cpu: bool) -> dict:
+    settings = {
+        "max_steps": steps,
+        "learning_rate": 2e-4,
+        "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": micro_batch,
+        "max_length": seq,
+        "bf16": not use_cpu,
+        "use_cpu": use_cpu,
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "optim": optim,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "report_to": [],
+    }
+    if liger:
+        settings["use_liger_kernel"] = True
+    return settings
+
+
+def _peft_trainer(settings: dict, model, tokenizer, rows: Path, out: Path, train: dict):
+    """TRL's SFTTrainer with a PEFT LoraConfig, as a user of the stock stack writes it."""
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    config = None if settings is None else LoraConfig(
+        r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"], target_modules="all-linear",
+        task_type="CAUSAL_LM")
+    dataset = load_dataset("json", data_files=str(rows), split="train")
+    return SFTTrainer(model=model, args=SFTConfig(output_dir=str(out), **train), train_dataset=dataset,
+                      processing_class=tokenizer, peft_config=config)
+
+
+def build(name: str, model_path: str, rows: Path, out: Path, micro_batch: int, seq: int, steps: int,
+          optim: str = "adamw_torch", previous=None):
+    """The trainer of one configuration, its model loaded (NF4) and adapted, ready to train. `previous`: an
+    earlier trainer of the same configuration, whose model is trained again instead of loading one."""
+    import torch
+
+    from qlrlora.config import ModelConfig
+    from qlrlora.model import load_backbone
+    from qlrlora.sft import build_trainer
+
+    if name not in CONFIGS:
+        raise QLRError(f"configuration {name!r}: expected one of {', '.join(CONFIGS)}")
+    stack, settings = CONFIGS[name]
+    liger, offload, use_cpu = "_liger" in name, name.endswith("_offload"), not torch.cuda.is_available()
+    if stack == "qlr":
+        recipe = _recipe(settings, model_path, rows, out, micro_batch, seq, steps, liger, offload, optim, use_cpu)
+        loaded = None
+        if previous is not None:  # train the same model again, its ranks back at r_max
+            loaded = (previous.model, previous.processing_class, previous.layers)
+            ranks = next(iter(previous.layers.values())).ranks
+            with torch.no_grad():
+                ranks.values.copy_(ranks.r_max)
+        return build_trainer(recipe, loaded)
+    from transformers import set_seed
+
+    set_seed(0)
+    train = _train_settings(micro_batch, seq, steps, liger, optim, use_cpu)
+    if previous is not None:  # already a PeftModel: train its adapters again
+        return _peft_trainer(None, previous.model, previous.processing_class, rows, out, train)
+    model, tokenizer = load_backbone(ModelConfig(name_or_path=model_path, attn_implementation="sdpa"),
+                                     device_map="cpu" if use_cpu else None)
+    return _peft_trainer(settings, model, tokenizer, rows, out, train)
+
+
+def _gib(n: float) -> float:
+    return round(n / 2**30, 3)
+
+
+def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_batch: int, seq: int, steps: int,
+            memory_gib: float | None = None) -> dict:
+    """Train one configuration for `steps` steps and measure it (module docstring)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if memory_gib and cuda:
+        torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    rows = synthetic_rows(work / f"rows-{seq}.jsonl", max(micro_batch * steps, 4), seq)
+    trainer = build(name, model_path, rows, work / name, micro_batch, seq, steps)
+    controller = getattr(trainer, "controller", None)
+    timer = _StepTimes((lambda: controller.phase) if controller is not None and not controller.frozen else
+                       (lambda: "fixed"))
+    trainer.add_callback(timer.callback)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    model_bytes = torch.cuda.memory_allocated() if cuda else 0
+    trainer.train()
+    history = trainer.state.log_history
+    tokens = next(row["num_tokens"] for row in reversed(history) if "num_tokens" in row)
+    timed = timer.times[3:] if len(timer.times) > 3 else timer.times
+    step_s = statistics.median(timed)
+    by_phase = {}
+    for phase in dict.fromkeys(timer.phases):
+        times = [t for t, p in zip(timer.times[3:], timer.phases[3:]) if p == phase]
+        if times:
+            by_phase[phase] = round(statistics.median(times), 4)
+    result = {
+        "config": name,
+        "micro_batch": micro_batch,
+        "seq": seq,
+        "steps": trainer.state.global_step,
+        "tokens_per_step": tokens / trainer.state.global_step,
+        "tokens_per_s": round(tokens / trainer.state.global_step / step_s, 1),
+        "step_s": round(step_s, 4),
+        "step_s_by_phase": by_phase,
+        "step_s_all": [round(t, 4) for t in timer.times],
+        "peak_alloc_gib": _gib(torch.cuda.max_memory_allocated()) if cuda else None,
+        "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()) if cuda else None,
+        "model_gib": _gib(model_bytes) if cuda else None,
+        "losses": [row["loss"] for row in history if "loss" in row],
+        "flops_per_token": flops_per_token(model_config, seq),
+        "memory_limit_gib": memory_gib,
+    }
+    if controller is not None:
+        result["hard_ranks_mean"] = sum(controller.hard_ranks()) / len(controller.hard_ranks())
+    return result
+
+
+def max_seq(name: str, model_path: str, work: Path, memory_gib: float, start: int = 2048, limit: int = 131072,
+            progress=lambda result: None) -> dict:
+    """The longest sequence (doubling from `start`) that trains two steps at micro-batch 1 within `memory_gib`;
+    `progress(result so far)` after every length."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    tried, seq, previous = {}, start, None
+    while seq <= limit:
+        rows = synthetic_rows(work / f"rows-{seq}.jsonl", 2, seq)
+        trainer = None
+        try:
+            trainer = build(name, model_path, rows, work / f"{name}-{seq}", 1, seq, 2, optim="paged_adamw_8bit",
+                            previous=previous)
+            trainer.train()
+            tried[seq] = {"ok": True, "peak_alloc_gib": _gib(torch.cuda.max_memory_allocated()) if cuda else None}
+        except torch.OutOfMemoryError:
+            tried[seq] = {"ok": False}
+            break
+        finally:
+            if trainer is not None:
+                previous = _Loaded(trainer)
+            del trainer
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        progress(_searched(name, memory_gib, tried))
+        seq *= 2
+    return _searched(name, memory_gib, tried)
+
+
+def _searched(name: str, memory_gib: float, tried: dict) -> dict:
+    ok = [s for s, t in tried.items() if t["ok"]]
+    return {"config": name, "memory_limit_gib": memory_gib, "max_seq": max(ok) if ok else 0, "tried": dict(tried)}
+
+
+class _Loaded:
+    """What a finished trainer leaves for the next one: its model, tokenizer and adapter layers, not its optimizer."""
+
+    def __init__(self, trainer):
+        self.model, self.processing_class = trainer.model, trainer.processing_class
+        self.layers = getattr(trainer, "layers", None)
+
+
+def _versions() -> dict:
+    import accelerate
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+                "trl": trl.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        versions["liger_kernel"] = None
+    return versions
+
+
+def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int], seq: int, steps: int,
+            max_seq_configs: list[str], memory_gib: float, timeout: int, command: str) -> dict:
+    """Every (configuration, micro-batch) in its own process, one after the other; then the 24 GiB searches."""
+    import torch
+
+    from qlrlora.assets import build_from_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model_path = str(build_from_config(MODELS[model], "bfloat16"))
+    build_s = time.perf_counter() - start
+    peak = matmul_peak_tflops()
+    path = out / "throughput.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"runs": {}, "max_seq": {}}
+    report.update({
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "command": command, "date": time.strftime("%Y-%m-%d"), "model": model, "model_config": MODELS[model],
+        "seq": seq, "bf16_matmul_peak_tflops": peak, "model_build_s": round(build_s, 1), "versions": _versions(),
+    })
+    jobs = [("one", name, mb) for mb in micro_batches for name in configs]
+    jobs += [("max_seq", name, 1) for name in max_seq_configs]
+    for kind, name, mb in jobs:
+        key = f"{name}@{mb}" if kind == "one" else name
+        target = out / ("runs" if kind == "one" else "max_seq") / f"{key}.json"
+        log = target.with_suffix(".log")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "qlrlora.throughput", kind, name, "--json", str(target), "--model-path",
+                model_path, "--model", model, "--micro-batch", str(mb), "--seq", str(seq), "--steps", str(steps),
+                "--work", str(out / "work")]
+        if kind == "max_seq":
+            argv += ["--memory-gib", str(memory_gib)]
+        began = time.perf_counter()
+        with open(log, "w") as f:
+            try:
+                code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        print(f"{kind} {key}: exit {code} after {time.perf_counter() - began:.0f} s", flush=True)
+        section = report["runs" if kind == "one" else "max_seq"]
+        if target.is_file():
+            section[key] = json.loads(target.read_text())
+        else:
+            section[key] = {"config": name, "micro_batch": mb, "error": _last_error(log)}
+        atomic_write_json(path, report)
+    return report
+
+
+def _last_error(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines or ["no output"])[-1][:500]
+
+
+def configs_table(report: dict) -> dict:
+    """Per (configuration, micro-batch): the measured figures, MFU, non-weight memory, and ratios to stock_peft."""
+    peak = report.get("bf16_matmul_peak_tflops")
+    table = {}
+    for key, run in report["runs"].items():
+        if "error" in run:
+            table[key] = dict(run)
+            continue
+        stock = report["runs"].get(f"stock_peft@{run['micro_batch']}")
+        row = {k: run[k] for k in ("config", "micro_batch", "tokens_per_s", "step_s", "peak_alloc_gib",
+                                   "peak_reserved_gib", "model_gib")}
+        row["non_weight_gib"] = round(run["peak_alloc_gib"] - run["model_gib"], 3) if run["peak_alloc_gib"] else None
+        row["mfu"] = round(run["tokens_per_s"] * run["flops_per_token"] / (peak * 1e12), 4) if peak else None
+        row["step_s_by_phase"] = run.get("step_s_by_phase")
+        if stock and "error" not in stock:
+            row["tokens_vs_stock"] = round(run["tokens_per_s"] / stock["tokens_per_s"], 3)
+            if row["non_weight_gib"] is not None:
+                stock_non_weight = stock["peak_alloc_gib"] - stock["model_gib"]
+                row["non_weight_vs_stock"] = round(row["non_weight_gib"] / stock_non_weight, 3)
+        searched = report.get("max_seq", {}).get(run["config"])
+        row["max_seq_24gib"] = searched.get("max_seq") if searched and "error" not in searched else None
+        table[key] = row
+    return table
+
+
+def format_report(report: dict) -> str:
+    table = configs_table(report)
+    lines = [f"{report['gpu']}, {report['model']}, sequence {report['seq']}; bf16 matmul peak "
+             f"{report['bf16_matmul_peak_tflops']:.0f} TFLOP/s" if report.get("bf16_matmul_peak_tflops") else
+             f"{report['gpu']}, {report['model']}, sequence {report['seq']}", ""]
+    head = ["config", "micro-batch", "tokens/s", "vs stock", "step s", "peak alloc GiB", "peak reserved GiB",
+            "model GiB", "non-weight GiB", "vs stock", "MFU", "max seq @24 GiB"]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for key, row in table.items():
+        if "error" in row:
+            lines.append(f"| {row['config']} | {row['micro_batch']} | failed: {row['error']} |")
+            continue
+        cells = [row["config"], row["micro_batch"], f"{row['tokens_per_s']:,.0f}", _ratio(row.get("tokens_vs_stock")),
+                 f"{row['step_s']:.3f}", row["peak_alloc_gib"], row["peak_reserved_gib"], row["model_gib"],
+                 row["non_weight_gib"], _ratio(row.get("non_weight_vs_stock")),
+                 f"{row['mfu']:.3f}" if row["mfu"] is not None else "", row["max_seq_24gib"] or ""]
+        lines.append("| " + " | ".join(str(c) if c is not None else "" for c in cells) + " |")
+    phases = {k: r["step_s_by_phase"] for k, r in table.items() if "error" not in r and len(r["step_s_by_phase"]) > 1}
+    if phases:
+        lines += ["", "Median step time (s) by rank phase, learned ranks:", ""]
+        lines += ["| run | " + " | ".join(["warmup", "pruning", "frozen"]) + " |", "| --- | --- | --- | --- |"]
+        for key, by in phases.items():
+            lines.append(f"| {key} | " + " | ".join(str(by.get(p, "")) for p in ("warmup", "pruning", "frozen")) + " |")
+    searched = report.get("max_seq", {})
+    if searched:
+        lines += ["", f"Longest sequence at micro-batch 1 within {next(iter(searched.values())).get('memory_limit_gib')} "
+                      "GiB (doubling from 2048):", "", "| config | max seq | tried |", "| --- | --- | --- |"]
+        for name, s in searched.items():
+            if "error" in s:
+                lines.append(f"| {name} | failed: {s['error']} | |")
+                continue
+            tried = ", ".join(f"{k}: {'ok' if v['ok'] else 'out of memory'}" for k, v in s["tried"].items())
+            lines.append(f"| {name} | {s['max_seq']} | {tried} |")
+    return "\n".join(lines)
+
+
+def combine(reports: dict[str, dict], command: str) -> dict:
+    """One summary of several calls' reports (name -> throughput.json): per configuration, its figures at each
+    micro-batch with the ratios to the stock stack measured in the same call, and its longest sequence within the
+    memory limit. A run measured in several calls is kept from the first, with the others' tokens/s as repeats."""
+    configs: dict[str, dict] = {}
+    for call, report in reports.items():
+        for row in configs_table(report).values():
+            if "error" in row:
+                continue
+            entry = configs.setdefault(row["config"], {"micro_batch": {}})
+            mb = str(row["micro_batch"])
+            if mb in entry["micro_batch"]:
+                entry["micro_batch"][mb].setdefault("repeats_tokens_per_s", []).append(row["tokens_per_s"])
+                continue
+            entry["micro_batch"][mb] = {**{k: v for k, v in row.items() if k not in ("config", "max_seq_24gib")},
+                                        "call": call}
+        for name, searched in report.get("max_seq", {}).items():
+            if "error" not in searched:
+                configs.setdefault(name, {"micro_batch": {}})["max_seq_24gib"] = searched["max_seq"]
+                configs[name]["max_seq_tried"] = searched["tried"]
+    for entry in configs.values():
+        headline = entry["micro_batch"].get("8") or next(iter(entry["micro_batch"].values()), {})
+        for key in ("tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "model_gib", "mfu"):
+            entry[key] = headline.get(key)
+        entry.setdefault("max_seq_24gib", None)
+    first = next(iter(reports.values()))
+    return {"gpu": first["gpu"], "command": command, "date": first["date"], "model": first["model"], "seq": first["seq"],
+            "headline_micro_batch": 8, "bf16_matmul_peak_tflops": {c: r["bf16_matmul_peak_tflops"] for c, r in reports.items()},
+            "versions": first["versions"], "configs": configs}
+
+
+def format_combined(summary: dict) -> str:
+    head = ["config", "micro-batch", "tokens/s", "vs stock (same call)", "step s", "peak alloc GiB", "peak reserved GiB",
+            "model GiB", "non-weight GiB", "vs stock", "MFU", "call", "repeats (tokens/s)"]
+    lines = [f"{summary['gpu']}, {summary['model']} shape, sequence {summary['seq']}", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for mb in ("8", "2"):
+        for name, entry in summary["configs"].items():
+            row = entry["micro_batch"].get(mb)
+            if row is None:
+                continue
+            cells = [name, mb, f"{row['tokens_per_s']:,.0f}", _ratio(row.get("tokens_vs_stock")), f"{row['step_s']:.3f}",
+                     row["peak_alloc_gib"], row["peak_reserved_gib"], row["model_gib"], row["non_weight_gib"],
+                     _ratio(row.get("non_weight_vs_stock")), f"{row['mfu']:.3f}" if row.get("mfu") else "", row["call"],
+                     ", ".join(f"{t:,.0f}" for t in row.get("repeats_tokens_per_s", []))]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "| config | longest sequence at micro-batch 1 in 24 GiB | tried |", "| --- | --- | --- |"]
+    for name, entry in summary["configs"].items():
+        if entry.get("max_seq_24gib"):
+            tried = ", ".join(f"{k}: {'ok' if v['ok'] else 'out of memory'}" for k, v in entry["max_seq_tried"].items())
+            lines.append(f"| {name} | {entry['max_seq_24gib']} | {tried} |")
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_throughput.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    every = sub.add_parser("all", help="every configuration, one process each; writes OUT/throughput.json")
+    every.add_argument("out", type=Path)
+    every.add_argument("--configs", nargs="*", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS))
+    every.add_argument("--micro-batches", nargs="*", type=int, default=[2, 8])
+    every.add_argument("--max-seq", nargs="*", default=["stock_peft", "qlr_learned"], choices=list(CONFIGS),
+                       help="configurations whose longest sequence within --memory-gib is searched")
+    every.add_argument("--memory-gib", type=float, default=24.0)
+    every.add_argument("--timeout", type=int, default=600, help="seconds for one process")
+    for name in ("one", "max_seq"):
+        p = sub.add_parser(name)
+        p.add_argument("config", choices=list(CONFIGS))
+        p.add_argument("--json", type=Path, required=True)
+        p.add_argument("--model-path")
+        p.add_argument("--micro-batch", type=int, default=2)
+        p.add_argument("--memory-gib", type=float)
+        p.add_argument("--work", type=Path, default=Path("runs/bench_throughput"))
+    for p in sub.choices.values():
+        p.add_argument("--model", choices=list(MODELS), default="llama3-8b")
+        p.add_argument("--seq", type=int, default=2048)
+        p.add_argument("--steps", type=int, default=20)
+    report = sub.add_parser("report", help="print the tables of a throughput.json")
+    report.add_argument("json", type=Path)
+    merged = sub.add_parser("combine", help="one summary of several calls' throughput.json files")
+    merged.add_argument("calls", nargs="+", type=Path, help="folders holding a throughput.json, in the order they ran")
+    merged.add_argument("--json", type=Path, required=True, help="where to write the summary")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        if args.command == "report":
+            print(format_report(json.loads(args.json.read_text())))
+            return 0
+        if args.command == "combine":
+            reports = {folder.name: json.loads((folder / "throughput.json").read_text()) for folder in args.calls}
+            command = " ".join(["python", "tools/bench_throughput.py", *(sys.argv[1:] if argv is None else argv)])
+            summary = combine(reports, command)
+            atomic_write_json(args.json, summary)
+            print(format_combined(summary))
+            return 0
+        if args.command == "all":
+            command = " ".join(["python", "tools/bench_throughput.py", *(sys.argv[1:] if argv is None else argv)])
+            run_all(args.out, args.model, args.configs, args.micro_batches, args.seq, args.steps, args.max_seq,
+                    args.memory_gib, args.timeout, command)
+            print(format_report(json.loads((args.out / "throughput.json").read_text())))
+            return 0
+        from qlrlora.assets import build_from_config
+
+        model_path = args.model_path or str(build_from_config(MODELS[args.model], "bfloat16"))
+        args.work.mkdir(parents=True, exist_ok=True)
+        if args.command == "one":
+            result = run_one(args.config, model_path, MODELS[args.model], args.work, args.micro_batch, args.seq,
+                             args.steps, args.memory_gib)
+        else:
+            result = max_seq(args.config, model_path, args.work, args.memory_gib or 24.0, start=args.seq,
+                             progress=lambda partial: atomic_write_json(args.json, partial))
+        result["versions"] = _versions()
+        atomic_write_json(args.json, result)
+        print(json.dumps({k: v for k, v in result.items() if k != "step_s_all"}, indent=2))
+    except QLRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

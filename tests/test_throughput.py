@@ -1,0 +1,80 @@
+"""tools/bench_throughput.py on CPU: each configuration trains and is measured, reports and summaries print
+from the files (the GPU figures: docs/benchmarks/throughput.md)."""
+
+import json
+
+import pytest
+
+from qlrlora import throughput
+from qlrlora.assets import build_from_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return str(build_from_config(throughput.TINY, "bfloat16"))
+
+
+def test_synthetic_rows_have_the_asked_token_count(tmp_path):
+    from qlrlora.assets import byte_tokenizer
+
+    rows = [json.loads(line) for line in throughput.synthetic_rows(tmp_path / "r.jsonl", 3, 200).read_text().splitlines()]
+    tokenizer = byte_tokenizer()
+    assert len(rows) == 3 and len({r["prompt"] for r in rows}) == 3
+    for r in rows:
+        assert len(r["completion"]) == throughput.COMPLETION_CHARS
+        assert len(tokenizer(r["prompt"] + r["completion"])["input_ids"]) == 200 - 2
+
+
+def test_flops_per_token_of_the_8b_shape():
+    # 32 blocks of q, o (4096^2 each), k, v (4096 x 1024 each), gate, up, down (4096 x 14336 each), the LM head
+    linear = 32 * (2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 14336) + 4096 * 128256
+    assert throughput.flops_per_token(throughput.LLAMA3_8B, 2048) == 4 * linear + 6 * 32 * 4096 * 2048
+
+
+@pytest.mark.parametrize("name", ["stock_peft", "qlr_learned", "qlr_learned_offload"])
+def test_each_configuration_trains_and_reports_its_figures(tmp_path, tiny_model, name):
+    result = throughput.run_one(name, tiny_model, throughput.TINY, tmp_path, micro_batch=2, seq=96, steps=8)
+    assert result["steps"] == 8 and len(result["step_s_all"]) == 8 and len(result["losses"]) == 8
+    assert result["tokens_per_s"] > 0 and result["tokens_per_step"] == pytest.approx(2 * (96 - 1), rel=0.02)
+    phases = set(result["step_s_by_phase"])
+    assert phases == ({"fixed"} if name == "stock_peft" else {"pruning", "frozen"}), phases
+
+
+def test_max_seq_trains_every_length_on_one_loaded_model(tmp_path, tiny_model, monkeypatch):
+    loads = []
+    real = throughput.build
+
+    def counting(name, *args, previous=None, **kwargs):
+        loads.append(previous is None)
+        return real(name, *args, previous=previous, **kwargs)
+
+    monkeypatch.setattr(throughput, "build", counting)
+    seen = []
+    result = throughput.max_seq("qlr_learned", tiny_model, tmp_path, 24.0, start=128, limit=512, progress=seen.append)
+    assert result["max_seq"] == 512 and list(result["tried"]) == [128, 256, 512]
+    assert loads == [True, False, False] and len(seen) == 3
+
+
+def test_report_and_summary_print_ratios_from_the_files(tmp_path):
+    def run(config, mb, tokens, alloc, model=5.0):
+        return {"config": config, "micro_batch": mb, "tokens_per_s": tokens, "step_s": 1.0, "peak_alloc_gib": alloc,
+                "peak_reserved_gib": alloc + 1, "model_gib": model, "flops_per_token": 1e9, "step_s_by_phase": {}}
+
+    first = {"gpu": "GPU", "model": "llama3-8b", "seq": 2048, "date": "2026-12-01", "versions": {},
+             "bf16_matmul_peak_tflops": 100.0,
+             "runs": {"stock_peft@8": run("stock_peft", 8, 1000.0, 15.0), "qlr_learned@8": run("qlr_learned", 8, 1300.0, 11.0)},
+             "max_seq": {"qlr_learned": {"config": "qlr_learned", "memory_limit_gib": 24.0, "max_seq": 4096,
+                                         "tried": {"2048": {"ok": True}, "4096": {"ok": True}, "8192": {"ok": False}}}}}
+    second = {**first, "runs": {"stock_peft@8": run("stock_peft", 8, 990.0, 15.0)}, "max_seq": {}}
+    rows = throughput.configs_table(first)
+    assert rows["qlr_learned@8"]["tokens_vs_stock"] == 1.3 and rows["qlr_learned@8"]["non_weight_vs_stock"] == 0.6
+    assert rows["qlr_learned@8"]["mfu"] == pytest.approx(1300 * 1e9 / 100e12)
+    assert rows["qlr_learned@8"]["max_seq_24gib"] == 4096 and rows["stock_peft@8"]["max_seq_24gib"] is None
+    assert "| qlr_learned | 8 | 1,300 | 1.30x |" in throughput.format_report(first)
+    summary = throughput.combine({"one": first, "two": second}, "cmd")
+    stock = summary["configs"]["stock_peft"]
+    assert stock["tokens_per_s"] == 1000.0 and stock["micro_batch"]["8"]["repeats_tokens_per_s"] == [990.0]
+    assert summary["configs"]["qlr_learned"]["max_seq_24gib"] == 4096
+    for key in ("tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "model_gib", "mfu", "max_seq_24gib"):
+        assert key in summary["configs"]["qlr_learned"], key
+    assert "| qlr_learned | 4096 |" in throughput.format_combined(summary)
