@@ -82,6 +82,7 @@ class Ranks:
         # Whether the ranks still move: the forward pass then computes what their gradient needs. The rank
         # controller turns it off once the ranks are frozen (or fixed from the start).
         self.learning = True
+        self._r_max_list = list(r_max)
         self._cache_key = None
         self._hard_list: list[int] = []
         self._slope: torch.Tensor | None = None
@@ -106,7 +107,7 @@ class Ranks:
         the derivative of sigmoid((rank - offsets) / temperature) with respect to the rank. Hard ranks and
         slopes are computed for all layers at once, when the ranks changed (one host sync), not per call."""
         self._refresh()
-        k, r_max = self._hard_list[index], int(self._r_max_list[index])
+        k, r_max = self._hard_list[index], self._r_max_list[index]
         if not (self.learning and self.values.requires_grad and torch.is_grad_enabled()):
             return k, k, None
         kk = min(r_max, k + math.ceil(WINDOW * self.temperature))
@@ -118,7 +119,6 @@ class Ranks:
             return
         with torch.no_grad():
             self._hard_list = self.hard().tolist()
-            self._r_max_list = self.r_max.tolist()
             soft = torch.sigmoid((self.values[:, None] - self.offsets) / self.temperature)
             self._slope = soft * (1 - soft) / self.temperature
         self._cache_key = key

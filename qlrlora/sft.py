@@ -129,6 +129,10 @@ def build_trainer(recipe: Recipe, loaded: tuple | None = None):
         load_sft_dataset(recipe.data, recipe.data.eval_dataset, base_dir) if recipe.data.eval_dataset else None
     )
     args = _sft_config(recipe)
+    checkpointing = getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing
+    if recipe.model.offload_checkpoints and not checkpointing:
+        raise QLRError(f"{recipe.source}: model.offload_checkpoints: offloads what gradient checkpointing keeps; "
+                       "set train.gradient_checkpointing: true as well")
     if loaded is None:
         model, tokenizer = load_backbone(recipe.model, device_map="cpu" if args.use_cpu else None)
         layers = inject_adapters(model, recipe.adapter)
@@ -137,9 +141,6 @@ def build_trainer(recipe: Recipe, loaded: tuple | None = None):
     if recipe.model.offload_checkpoints:
         from qlrlora.offload import enable_offloaded_checkpoints
 
-        if not (getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing):
-            raise QLRError(f"{recipe.source}: model.offload_checkpoints: offloads what gradient checkpointing keeps; "
-                           "set train.gradient_checkpointing: true as well")
         enable_offloaded_checkpoints(model)
     trainer = QLRSFTTrainer(
         model=model,

@@ -50,7 +50,10 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write_json
@@ -140,33 +143,35 @@ def matmul_peak_tflops(size: int = 8192, repeats: int = 20) -> float | None:
     return 2 * size**3 / statistics.median(times) / 1e12
 
 
-class _StepTimes:
-    """A TrainerCallback: the wall time of every optimizer step (CUDA synchronised) and the rank phase it ran in."""
+class StepTimes(TrainerCallback):
+    """Wall time of every optimizer step (CUDA synchronised, so a step's kernels count in that step) and, when
+    `phase` is given, the rank phase each step began in."""
 
-    def __init__(self, phase=lambda: "fixed"):
-        from transformers import TrainerCallback
-
+    def __init__(self, phase=None):
         self.times, self.phases, self.last, self.phase = [], [], None, phase
-        outer = self
 
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                outer._sync()
-                outer.phases.append(outer.phase())
-                outer.last = time.perf_counter()
+    def on_step_begin(self, args, state, control, **kwargs):
+        _synchronize()
+        self.phases.append(self.phase() if self.phase is not None else "fixed")
+        self.last = time.perf_counter()
 
-            def on_step_end(self, args, state, control, **kwargs):
-                outer._sync()
-                outer.times.append(time.perf_counter() - outer.last)
+    def on_step_end(self, args, state, control, **kwargs):
+        _synchronize()
+        self.times.append(time.perf_counter() - self.last)
 
-        self.callback = Callback()
 
-    @staticmethod
-    def _sync():
-        import torch
+def _synchronize() -> None:
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _limit_memory(memory_gib: float) -> None:
+    """Hold this process to `memory_gib` of the GPU, as a card of that size would."""
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
 
 
 def _recipe(stack_settings: dict, model_path: str, rows: Path, out: Path, micro_batch: int, seq: int, steps: int,
@@ -269,13 +274,12 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
 
     cuda = torch.cuda.is_available()
     if memory_gib and cuda:
-        torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        _limit_memory(memory_gib)
     rows = synthetic_rows(work / f"rows-{seq}.jsonl", max(micro_batch * steps, 4), seq)
     trainer = build(name, model_path, rows, work / name, micro_batch, seq, steps)
     controller = getattr(trainer, "controller", None)
-    timer = _StepTimes((lambda: controller.phase) if controller is not None and not controller.frozen else
-                       (lambda: "fixed"))
-    trainer.add_callback(timer.callback)
+    timer = StepTimes((lambda: controller.phase) if controller is not None and not controller.frozen else None)
+    trainer.add_callback(timer)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -320,7 +324,7 @@ def max_seq(name: str, model_path: str, work: Path, memory_gib: float, start: in
 
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        _limit_memory(memory_gib)
     tried, seq, previous = {}, start, None
     while seq <= limit:
         rows = synthetic_rows(work / f"rows-{seq}.jsonl", 2, seq)
@@ -371,10 +375,8 @@ def _versions() -> dict:
                 "accelerate": accelerate.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
                 "trl": trl.__version__}
     try:
-        from importlib.metadata import version
-
         versions["liger_kernel"] = version("liger-kernel")
-    except Exception:
+    except PackageNotFoundError:
         versions["liger_kernel"] = None
     return versions
 

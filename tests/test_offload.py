@@ -50,3 +50,17 @@ def test_a_block_input_beside_the_hidden_state_that_needs_a_gradient_is_refused(
     weight = torch.randn(3, requires_grad=True)
     with pytest.raises(ValueError, match="only the first input"):
         offloaded_checkpoint(lambda h, w: h * w, torch.randn(3, requires_grad=True), weight)
+
+
+def test_offload_without_checkpointing_is_a_one_line_error_before_the_model_loads(tmp_path, monkeypatch):
+    from qlrlora import sft
+    from qlrlora.errors import QLRError
+    from tests.test_trainer import tiny_recipe
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qlrlora.model.load_backbone", no_load)
+    recipe = tiny_recipe(tmp_path, model={"offload_checkpoints": True}, train={"gradient_checkpointing": False})
+    with pytest.raises(QLRError, match="model.offload_checkpoints: .*set train.gradient_checkpointing: true"):
+        sft.build_trainer(recipe)

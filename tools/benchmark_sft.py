@@ -18,28 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from qlrlora.config import load_recipe
 from qlrlora.errors import QLRError
 from qlrlora.sft import run
-
-
-class StepTimes(TrainerCallback):
-    """Wall time of every optimizer step (CUDA synchronised, so a step's kernels count in that step)."""
-
-    def __init__(self):
-        self.times, self.last = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.last = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self.last)
+from qlrlora.throughput import StepTimes
 
 
 def peak_memory_per_process(trainer) -> dict:
