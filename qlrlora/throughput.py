@@ -18,7 +18,8 @@ Configurations (`CONFIGS`):
   recipes/llama3_8b_commonsense.yaml;
 - `*_liger`: the same with Liger's RMSNorm, RoPE and SwiGLU kernels (`train.use_liger_kernel`; TRL
   keeps its own fused LM head, so the logits are never materialised in any configuration);
-- `qlr_*_liger_offload`: and the checkpointed blocks' inputs kept in CPU memory (`model.offload_checkpoints`).
+- `qlr_*_offload`, `qlr_*_liger_offload`: the checkpointed blocks' inputs kept in CPU memory
+  (`model.offload_checkpoints`), without or with Liger's kernels.
 Every configuration uses gradient checkpointing (non-reentrant), AdamW and a constant learning rate.
 
 Measured per run: tokens per second (TRL's count of trained tokens over the timed steps), the
