@@ -318,9 +318,9 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
 
 
 def max_seq(name: str, model_path: str, work: Path, memory_gib: float, start: int = 2048, limit: int = 131072,
-            progress=lambda result: None) -> dict:
-    """The longest sequence (doubling from `start`) that trains two steps at micro-batch 1 within `memory_gib`;
-    `progress(result so far)` after every length."""
+            progress=lambda result: None, step: int | None = None) -> dict:
+    """The longest sequence that trains two steps at micro-batch 1 within `memory_gib`, from `start` on, doubling
+    (or growing by `step` tokens); `progress(result so far)` after every length."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -347,7 +347,7 @@ def max_seq(name: str, model_path: str, work: Path, memory_gib: float, start: in
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
         progress(_searched(name, memory_gib, tried))
-        seq *= 2
+        seq = seq + step if step else seq * 2
     return _searched(name, memory_gib, tried)
 
 
@@ -573,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--model-path")
         p.add_argument("--micro-batch", type=int, default=2)
         p.add_argument("--memory-gib", type=float)
+        p.add_argument("--seq-step", type=int, help="max_seq: grow the sequence by this many tokens, not doubling")
         p.add_argument("--work", type=Path, default=Path("runs/bench_throughput"))
     for p in sub.choices.values():
         p.add_argument("--model", choices=list(MODELS), default="llama3-8b")
@@ -611,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                              args.steps, args.memory_gib)
         else:
             result = max_seq(args.config, model_path, args.work, args.memory_gib or 24.0, start=args.seq,
-                             progress=lambda partial: atomic_write_json(args.json, partial))
+                             progress=lambda partial: atomic_write_json(args.json, partial), step=args.seq_step)
         result["versions"] = _versions()
         atomic_write_json(args.json, result)
         print(json.dumps({k: v for k, v in result.items() if k != "step_s_all"}, indent=2))

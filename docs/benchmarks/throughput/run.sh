@@ -4,6 +4,7 @@
 #   bash docs/benchmarks/throughput/run.sh mb2    # GPU tests; micro-batch 2 x 2048
 #   bash docs/benchmarks/throughput/run.sh seq24  # the longest sequence at micro-batch 1 within 24 GiB
 #   RUNS=/root/qlr-runs2 bash docs/benchmarks/throughput/run.sh offload  # offloaded checkpoints, beside stock
+#   RUNS=/root/qlr-runs3 bash docs/benchmarks/throughput/run.sh seq24fine  # the 24 GiB limits in finer steps
 # Stages add to the same OUT/throughput/throughput.json (kept on the warm machine under $RUNS); each call
 # returns it and the logs as one archive.
 set -uo pipefail
@@ -21,10 +22,20 @@ mb2)
   bench --micro-batches 2 --steps 16 --configs stock_peft qlr_fixed qlr_learned qlr_learned_liger --max-seq ;;
 seq24)
   bench --micro-batches --configs --max-seq stock_peft qlr_learned ;;
+seq24fine)  # between the doubling search's last success and first failure, in steps; straight max_seq runs
+  build=$(python -c "from qlrlora.assets import build_from_config; from qlrlora.throughput import LLAMA3_8B
+print(build_from_config(LLAMA3_8B, 'bfloat16'))")
+  mkdir -p "$runs/fine"
+  for spec in stock_peft:20480:4096 qlr_learned_liger:40960:8192; do
+    IFS=: read -r name start step <<< "$spec"
+    timeout "${RUN_LIMIT:-180}" python -m qlrlora.throughput max_seq "$name" --model-path "$build" --seq "$start" \
+      --seq-step "$step" --memory-gib 24 --json "$runs/fine/$name.json" --work "$runs/work" > "$runs/fine/$name.log" 2>&1
+    echo "$name: exit $?"; cat "$runs/fine/$name.json"; echo
+  done ;;
 offload)  # a separate RUNS: stock_peft measured again beside the offloaded runs
   bench --micro-batches 8 --steps 12 --configs stock_peft qlr_learned_offload qlr_learned_liger_offload --max-seq
   bench --micro-batches 2 --steps 16 --configs stock_peft qlr_learned_liger_offload \
     --max-seq qlr_learned_liger_offload qlr_learned_liger ;;
 esac
-python -m qlrlora.throughput report "$runs/throughput.json" > "$runs/report.md"
+[ -f "$runs/throughput.json" ] && python -m qlrlora.throughput report "$runs/throughput.json" > "$runs/report.md"
 tar czf "$out/throughput-$stage.tgz" --exclude=work -C "$(dirname "$runs")" throughput
