@@ -4,6 +4,7 @@
     python tools/bench_throughput.py one CONFIG --json PATH [--micro-batch B] [--seq L] ...
     python tools/bench_throughput.py report OUT/throughput.json
     python tools/bench_throughput.py combine CALL1 CALL2 ... --json SUMMARY.json
+    python tools/bench_throughput.py searches MAX_SEQ.json ...
 
 `all` runs every configuration as its own process, one after the other (never side by side: the
 timings would share the GPU), on the same synthetic token batches and the same NF4 double-quant
@@ -550,6 +551,15 @@ def format_combined(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_searches(searches: list[dict]) -> str:
+    """The table of `max_seq` results (their JSON files): each length tried, its peak memory, the longest that trained."""
+    lines = ["| config | memory limit GiB | tried (peak allocated GiB) | longest that trained |", "| --- | --- | --- | --- |"]
+    for s in searches:
+        tried = ", ".join(f"{k}: {v['peak_alloc_gib']}" if v["ok"] else f"{k}: out of memory" for k, v in s["tried"].items())
+        lines.append(f"| {s['config']} | {s['memory_limit_gib']} | {tried} | {s['max_seq'] or 'none of those tried'} |")
+    return "\n".join(lines)
+
+
 def _ratio(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}x"
 
@@ -581,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--steps", type=int, default=20)
     report = sub.add_parser("report", help="print the tables of a throughput.json")
     report.add_argument("json", type=Path)
+    searches = sub.add_parser("searches", help="print the table of max_seq JSON files")
+    searches.add_argument("files", nargs="+", type=Path)
     merged = sub.add_parser("combine", help="one summary of several calls' throughput.json files")
     merged.add_argument("calls", nargs="+", type=Path, help="folders holding a throughput.json, in the order they ran")
     merged.add_argument("--json", type=Path, required=True, help="where to write the summary")
@@ -589,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             print(format_report(json.loads(args.json.read_text())))
+            return 0
+        if args.command == "searches":
+            print(format_searches([json.loads(f.read_text()) for f in args.files]))
             return 0
         if args.command == "combine":
             reports = {folder.name: json.loads((folder / "throughput.json").read_text()) for folder in args.calls}

@@ -64,7 +64,8 @@ def test_report_and_summary_print_ratios_from_the_files(tmp_path):
              "bf16_matmul_peak_tflops": 100.0,
              "runs": {"stock_peft@8": run("stock_peft", 8, 1000.0, 15.0), "qlr_learned@8": run("qlr_learned", 8, 1300.0, 11.0)},
              "max_seq": {"qlr_learned": {"config": "qlr_learned", "memory_limit_gib": 24.0, "max_seq": 4096,
-                                         "tried": {"2048": {"ok": True}, "4096": {"ok": True}, "8192": {"ok": False}}}}}
+                                         "tried": {"2048": {"ok": True, "peak_alloc_gib": 10.5}, "4096": {"ok": True, "peak_alloc_gib": 20.25},
+                                                   "8192": {"ok": False}}}}}
     second = {**first, "runs": {"stock_peft@8": run("stock_peft", 8, 990.0, 15.0)}, "max_seq": {}}
     rows = throughput.configs_table(first)
     assert rows["qlr_learned@8"]["tokens_vs_stock"] == 1.3 and rows["qlr_learned@8"]["non_weight_vs_stock"] == 0.6
@@ -78,3 +79,7 @@ def test_report_and_summary_print_ratios_from_the_files(tmp_path):
     for key in ("tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "model_gib", "mfu", "max_seq_24gib"):
         assert key in summary["configs"]["qlr_learned"], key
     assert "| qlr_learned | 4096 |" in throughput.format_combined(summary)
+    searched = {"config": "stock_peft", "memory_limit_gib": 24.0, "max_seq": 0, "tried": {"4096": {"ok": False}}}
+    table = throughput.format_searches([first["max_seq"]["qlr_learned"], searched])
+    assert "| qlr_learned | 24.0 | 2048: 10.5, 4096: 20.25, 8192: out of memory | 4096 |" in table
+    assert "| stock_peft | 24.0 | 4096: out of memory | none of those tried |" in table
