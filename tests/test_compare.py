@@ -12,8 +12,10 @@ from qlrlora.compare import (
     best_learning_rates,
     differentiation,
     load_results,
+    peft_config,
     prepare,
     read_protocol,
+    recipe_for,
     spearman,
     stage_jobs,
     summarize,
@@ -67,6 +69,21 @@ def test_learning_rates_are_chosen_on_the_held_out_training_slice_only():
     assert best_learning_rates(results) == {"lora": 5e-4, "dora": 1e-3}
 
 
+def test_peft_configs_of_the_baselines():
+    protocol = Protocol()
+    flags = {m: (c.use_dora, c.use_rslora, c.r) for m in ("lora", "lora_rslora", "dora", "dora_rslora")
+             for c in [peft_config(Job(m, 0, 1e-3), protocol, 100)]}
+    assert flags == {"lora": (False, False, 8), "lora_rslora": (False, True, 8), "dora": (True, False, 8),
+                     "dora_rslora": (True, True, 8)}
+    adalora = peft_config(Job("adalora", 0, 1e-3), protocol, 100)
+    assert (adalora.init_r, adalora.target_r, adalora.total_step) == (12, 8, 100)
+
+
+def test_epochs_are_passes_over_the_same_sample(tmp_path):
+    recipe = recipe_for(tmp_path, Job("lr_lora_budget", 0, 1e-3), Protocol(epochs=3))
+    assert recipe.train["num_train_epochs"] == 3
+
+
 def test_spearman_with_ties():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -117,7 +134,7 @@ def test_final_stage_runs_at_the_chosen_rates_and_permutes_within_each_projectio
     (directory / "jobs" / "lr_lora_budget-lr0.002-s0" / "ranks.json").write_text(json.dumps({"layers": learned}))
     jobs = {j.name for j in stage_jobs(directory, "final", read_protocol(directory))}
     assert jobs == {"lora-lr0.001-s1", "lora-lr0.001-s2", "lr_lora_budget-lr0.002-s1", "lr_lora_budget-lr0.002-s2",
-                    "lora_rslora-lr0.001-s0", "lr_lora_penalty-lr0.002-s0", "learned_ranks_fixed-lr0.002-s0",
+                    "lora_rslora-lr0.001-s0", "dora_rslora-lr0.001-s0", "lr_lora_penalty-lr0.002-s0", "learned_ranks_fixed-lr0.002-s0",
                     "permuted_ranks_fixed-lr0.002-s0", "uniform_fixed-lr0.002-s0"}
     permuted = json.loads((directory / "permuted_ranks.json").read_text())["layers"]
     for projection in ("q_proj", "o_proj", "up_proj"):

@@ -1,6 +1,6 @@
 """LR-LoRA against LoRA, DoRA and AdaLoRA on the commonsense mixture (qlrlora/compare.py says how).
 
-    python tools/bench_commonsense.py prepare DIR [--train-rows N] [--heldout-rows M] [--model REF --gguf-file F]
+    python tools/bench_commonsense.py prepare DIR [--train-rows N] [--heldout-rows M] [--epochs E] [--model REF --gguf-file F]
     python tools/bench_commonsense.py run DIR --stage sweep|final [--parallel K] [--deadline S] [--start-by S]
     python tools/bench_commonsense.py run DIR --jobs METHOD:SEED:LR ... [--parallel K] [--deadline S]
     python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH] [--plot PATH]
