@@ -3,6 +3,8 @@
 What it adds to SFTTrainer, and where:
 - `__init__`: the rank controller; keeps fp32 factors in fp32 although SFTTrainer casts the trainable
   parameters of quantized models to bf16;
+- `StopOnDivergence` callback and `train`: a run whose loss or gradient norm is no longer finite
+  stops with a one-line error instead of training NaN parameters to the end;
 - `_RankStep` callback, before every optimizer step: the controller moves the ranks from their
   gradient (averaged over data-parallel processes, fp16 loss scale removed) and clears it. The
   ranks are not model parameters, so the optimizer, gradient clipping and DDP never touch them;
@@ -16,6 +18,7 @@ What it adds to SFTTrainer, and where:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -58,6 +61,14 @@ class QLRSFTTrainer(SFTTrainer):
         self.rank_config = rank_config
         self.controller = RankController(layers, rank_config, total_steps=max(self.args.max_steps, 1))
         self.add_callback(_RankStep(self))
+        self.divergence = StopOnDivergence()
+        self.add_callback(self.divergence)
+
+    def train(self, *args, **kwargs):
+        """Trainer.train, raising TrainingDiverged where the loss or the gradient norm stopped being finite."""
+        output = super().train(*args, **kwargs)
+        self.divergence.check()
+        return output
 
     # ------------------------------------------------------------------ logging
 
@@ -132,6 +143,59 @@ class QLRSFTTrainer(SFTTrainer):
         """`load_best_model_at_end`: the best checkpoint's adapter and rank state."""
         _, meta = load_adapter(self.state.best_model_checkpoint, self.model)
         self.controller.load_state_dict(meta["controller"])
+
+
+class TrainingDiverged(QLRError):
+    """The loss or the gradient norm is NaN or infinite; `step` is the logging step that showed it."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class StopOnDivergence(TrainerCallback):
+    """Stop at the first logging step whose loss or gradient norm is not finite; `check()` raises it.
+
+    Once the gradient norm is NaN, clipping and AdamW write NaN into every trainable parameter, and the
+    rest of the run trains nothing. The logged values are already reduced over the processes, so every
+    process stops at the same step. The loop is stopped rather than interrupted, so that the progress
+    bar closes before the error prints, and no checkpoint is saved from that step on. The gradient norm
+    is the signal that counts: Trainer's default `logging_nan_inf_filter` logs a NaN loss as a finite
+    one. Under fp16 a non-finite gradient norm is an overflow that the loss scaler skips, so there only
+    the loss is read, and fp16 runs are guarded only with that filter off."""
+
+    def __init__(self):
+        self.error: TrainingDiverged | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        for key, name in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+            value = logs.get(key)
+            if self.error or value is None or (key == "grad_norm" and args.fp16) or math.isfinite(float(value)):
+                continue
+            rate = logs.get("learning_rate", args.learning_rate)
+            self.error = TrainingDiverged(
+                f"training diverged: the {name} is {float(value)} at step {state.global_step} (learning rate "
+                f"{rate:.3g}), and every later step would train NaN parameters, so the run stopped; start it "
+                f"again with a lower train.learning_rate or a longer train.warmup_steps (output.overwrite: true)",
+                state.global_step)
+        return self._halt(control)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._halt(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._halt(control)
+
+    def _halt(self, control):
+        if self.error:
+            control.should_training_stop = True
+            control.should_save = control.should_evaluate = False
+        return control
+
+    def check(self) -> None:
+        if self.error:
+            raise self.error
 
 
 class _RankStep(TrainerCallback):

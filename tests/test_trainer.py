@@ -171,6 +171,41 @@ def test_training_warns_when_the_budget_is_out_of_reach(tmp_path, capsys):
     assert "out of reach" not in capsys.readouterr().err
 
 
+def test_a_run_that_diverges_stops_with_a_one_line_error(tmp_path):
+    result = cli(TINY, f"--output.dir={tmp_path / 'run'}", "--train.learning_rate=1e30", "--train.save_steps=2")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: the gradient norm is nan at step 2 (learning rate 1e+30)"), last
+    assert not (tmp_path / "run" / "lrlora_adapter.safetensors").exists()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_divergence_is_read_from_the_gradient_norm_unless_the_loss_scaler_skips_overflows(fp16):
+    from types import SimpleNamespace
+
+    from qlrlora.trainer import StopOnDivergence, TrainingDiverged
+
+    from transformers import TrainerControl
+
+    args, state = SimpleNamespace(fp16=fp16, learning_rate=1e-3), SimpleNamespace(global_step=7)
+    guard, control = StopOnDivergence(), TrainerControl()
+    for logs in ({"loss": 0.5, "grad_norm": 0.1}, {"train_runtime": 1.0}):
+        guard.on_log(args, state, control, logs=logs)
+    guard.check()
+    assert not control.should_training_stop
+    guard.on_log(args, state, control, logs={"loss": 0.5, "grad_norm": float("inf")})
+    if fp16:
+        guard.check()
+        guard.on_log(args, state, control, logs={"loss": float("nan"), "grad_norm": 0.1})
+    with pytest.raises(TrainingDiverged, match="the (gradient norm is inf|training loss is nan) at step 7") as caught:
+        guard.check()
+    assert caught.value.step == 7 and ("loss" in str(caught.value)) == fp16
+    control.should_save = True  # a save step after the divergence
+    guard.on_step_end(args, state, control)
+    assert control.should_training_stop and not control.should_save
+
+
 def test_the_private_trainer_seams_we_use_exist():
     """QLRSFTTrainer overrides two private Trainer methods and sets one private flag (trainer.py says why).
     This fails loudly when a supported transformers release renames or reshapes them."""
