@@ -152,7 +152,7 @@ def best_learning_rates(results: list[dict]) -> dict[str, float]:
     """Per swept method, the learning rate whose seed-0 run scored best on the held-out training slice."""
     best: dict[str, tuple[float, float]] = {}
     for r in results:
-        if r["method"] in SWEPT and r["seed"] == 0:
+        if r["method"] in SWEPT and r["seed"] == 0 and "diverged_at_step" not in r:
             score = r["heldout"]["average"]
             if r["method"] not in best or (score, -r["lr"]) > (best[r["method"]][0], -best[r["method"]][1]):
                 best[r["method"]] = (score, r["lr"])
@@ -291,6 +291,7 @@ def run_job(directory: Path, job: Job) -> dict:
 
     from qlrlora.evaluate import evaluate_mc, load_mc_tasks
     from qlrlora.sft import build_trainer
+    from qlrlora.trainer import StopOnDivergence, TrainingDiverged
 
     protocol = read_protocol(directory)
     recipe = recipe_for(directory, job, protocol)
@@ -310,7 +311,15 @@ def run_job(directory: Path, job: Job) -> dict:
         trainer = build_trainer(recipe)
         model, tokenizer = trainer.model, trainer.processing_class
     if trainer is not None:
-        trainer.train()
+        try:
+            trainer.train()
+            guards = [c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnDivergence)]
+            guards[0].check()  # QLRSFTTrainer.train checks its own; the PEFT trainers are checked here
+        except TrainingDiverged as e:
+            result = {"method": job.method, "seed": job.seed, "lr": job.lr, "diverged_at_step": e.step,
+                      "error": str(e), "wall_s": round(time.perf_counter() - start, 1)}
+            atomic_write_json(out / "result.json", result)
+            return result
         if job.method not in PEFT_METHODS:
             trainer.save_model(str(out))  # adapter, ranks.json and ranks.png
     result = {"method": job.method, "seed": job.seed, "lr": job.lr}
@@ -339,6 +348,7 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
     from qlrlora.data import load_sft_dataset
     from qlrlora.model import load_backbone
     from qlrlora.sft import _sft_config
+    from qlrlora.trainer import StopOnDivergence
 
     set_seed(job.seed)
     args = _sft_config(recipe)
@@ -347,7 +357,8 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
     steps = math.ceil(len(rows) / protocol.batch_size) * protocol.epochs
     config = peft_config(job, protocol, steps)
     if job.method != "adalora":
-        return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=config)
+        return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=config,
+                          callbacks=[StopOnDivergence()])
 
     class AdaLoraSFTTrainer(SFTTrainer):
         # TRL computes the loss from its fused LM head's log-probabilities, so the orthogonality regulariser
@@ -367,8 +378,7 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
             trainer.model.base_model.update_and_allocate(state.global_step)
 
     trainer = AdaLoraSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                                peft_config=config)
-    trainer.add_callback(Allocate())
+                                peft_config=config, callbacks=[StopOnDivergence(), Allocate()])
     return trainer
 
 
@@ -410,7 +420,8 @@ def load_results(directory: Path) -> list[dict]:
 def summarize(directory: Path, command: str | None = None) -> dict:
     """commonsense.json: per method the validation accuracies (mean over seeds), their std, cost, and the ranks."""
     protocol = read_protocol(directory)
-    results = load_results(directory)
+    everything = load_results(directory)
+    results = [r for r in everything if "diverged_at_step" not in r]
     best = best_learning_rates(results)
     chosen = {m: best.get("lr_lora_budget") for m in ("lr_lora_penalty", *CONTROLS)}
     chosen.update(best)
@@ -436,10 +447,11 @@ def summarize(directory: Path, command: str | None = None) -> dict:
             "peak_gib": runs[0]["peak_gib"],
             "train_steps": runs[0].get("train_steps"),
         }
-    sweep: dict[str, dict[str, float]] = {}
-    for r in results:
+    sweep: dict[str, dict[str, float | str]] = {}  # held-out accuracy, or where the run diverged
+    for r in everything:
         if r["method"] in SWEPT and r["seed"] == 0:
-            sweep.setdefault(r["method"], {})[f"{r['lr']:g}"] = r["heldout"]["average"]
+            sweep.setdefault(r["method"], {})[f"{r['lr']:g}"] = (
+                f"diverged at step {r['diverged_at_step']}" if "diverged_at_step" in r else r["heldout"]["average"])
     learned = [r for r in results if r["method"] == "lr_lora_budget" and r["lr"] == best.get("lr_lora_budget")]
     learned.sort(key=lambda r: r["seed"])
     summary = {

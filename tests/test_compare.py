@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -157,6 +158,20 @@ def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
     assert summary["differentiation"]["seeds"] == 2
 
 
+def test_a_diverged_run_shows_in_the_sweep_and_nowhere_else(tmp_path):
+    diverged = {"method": "lora", "lr": 1e-2, "seed": 0, "diverged_at_step": 75, "error": "training diverged"}
+    results = [result("lora", 1e-3, 0, 0.6, avg=0.40), diverged]
+    assert best_learning_rates(results) == {"lora": 1e-3}
+    directory = bench_dir(tmp_path, results)
+    summary = summarize(directory)
+    assert summary["sweep_heldout"]["lora"] == {"0.001": 0.6, "0.01": "diverged at step 75"}
+    assert summary["methods"]["lora"]["seeds"] == [0] and summary["methods"]["lora"]["lr"] == 1e-3
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "| lora | 0.6000 | diverged at step 75 |" in report.stdout
+
+
 def test_tiny_benchmark_end_to_end(tmp_path, mixture):
     """Every kind of job trains and evaluates on a tiny NF4 Llama, and the report renders from the results."""
     from qlrlora.assets import build_from_config
@@ -170,7 +185,15 @@ def test_tiny_benchmark_end_to_end(tmp_path, mixture):
     for job in (Job("base"), Job("lora", 0, 1e-3), Job("adalora", 0, 1e-3), Job("lr_lora_budget", 0, 1e-3)):
         out = run_job(directory, job)
         assert 0 <= out["validation"]["average"] <= 1 and len(out["validation"]["tasks"]) == len(TASKS)
-    results = {r["method"]: r for r in load_results(directory)}
+    # Both trainers stop a diverged run at its first logging step (every 25) and record where. The batch of 2
+    # makes the 64 rows 32 steps.
+    protocol = read_protocol(directory)
+    protocol.batch_size = 2
+    (directory / "protocol.json").write_text(json.dumps(dataclasses.asdict(protocol)))
+    for method in ("lora", "lr_lora_budget"):
+        out = run_job(directory, Job(method, 0, 1e30))
+        assert out["diverged_at_step"] == 25 and "validation" not in out, out
+    results = {r["method"]: r for r in load_results(directory) if "diverged_at_step" not in r}
     assert results["lora"]["adapter_params"] == 2 * sum(
         k + d for k, d in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]) * 2
     assert results["lr_lora_budget"]["adapter_params"] <= results["lora"]["adapter_params"]
@@ -180,4 +203,6 @@ def test_tiny_benchmark_end_to_end(tmp_path, mixture):
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| lr_lora_budget | 0.001 | 0 |" in report.stdout and (tmp_path / "ranks.png").is_file()
-    assert set(json.loads((tmp_path / "c.json").read_text())["methods"]) == {"base", "lora", "adalora", "lr_lora_budget"}
+    summary = json.loads((tmp_path / "c.json").read_text())
+    assert set(summary["methods"]) == {"base", "lora", "adalora", "lr_lora_budget"}
+    assert summary["sweep_heldout"]["lora"]["1e+30"].startswith("diverged at step")

@@ -136,7 +136,8 @@ def markdown(summary: dict) -> str:
         out += ["## Learning-rate sweep: accuracy on the held-out slice of the training mixture (seed 0)", "",
                 "| method | " + " | ".join(rates) + " |", "| --- " * (1 + len(rates)) + "|"]
         for name, values in sweep.items():
-            out.append(f"| {name} | " + " | ".join(f"{values[r]:.4f}" if r in values else "" for r in rates) + " |")
+            cells = (values.get(r, "") if isinstance(values.get(r, ""), str) else f"{values[r]:.4f}" for r in rates)
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     diff = summary["differentiation"]
     if diff:
