@@ -75,7 +75,7 @@ class AdapterConfig:
     ranks_file: str | None = None
 
     def validate(self, where: str) -> None:
-        if isinstance(self.targets, str) and self.targets != "all-linear":
+        if (isinstance(self.targets, str) and self.targets != "all-linear") or self.targets == []:
             raise ConfigError(
                 f"{where}: adapter.targets: expected 'all-linear' or a list of module names, got {self.targets!r}"
             )

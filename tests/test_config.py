@@ -19,6 +19,7 @@ def recipe(**sections):
         ({"adapter": {"r_max": 8, "init_rank": 9}}, r"r.yaml: adapter.init_rank: expected a number in \[0, r_max=8\], got 9"),
         ({"model": {"quantize": "int3"}}, "r.yaml: model.quantize: expected one of 'nf4', 'none', got 'int3'"),
         ({"adapter": {"targets": "everything"}}, "adapter.targets: expected 'all-linear' or a list of module names"),
+        ({"adapter": {"targets": []}}, r"adapter.targets: expected 'all-linear' or a list of module names, got \[\]"),
         ({"adapter": {"overrides": [{"pattern": "mlp", "r_max": -1}]}}, r"adapter.overrides\[0\].r_max: expected an integer >= 1"),
         ({"adapter": {"r_max": "big"}}, r"adapter.r_max: expected an integer, got 'big' \(str\)"),
         ({"rank": {"mode": "budget"}}, "budget mode needs exactly one of budget_avg_rank and budget_params"),
