@@ -287,6 +287,10 @@ def peft_config(job: Job, protocol: Protocol, total_steps: int):
 
 
 def run_job(directory: Path, job: Job) -> dict:
+    """Train (or restore what an earlier process trained), evaluate, and write the job's result.json.
+
+    Training ends by saving the adapter and the training figures (TRAINED), so a job stopped while it
+    evaluates (a deadline, a lost machine) is only evaluated when it runs again."""
     import torch
 
     from qlrlora.evaluate import evaluate_mc, load_mc_tasks
@@ -299,45 +303,89 @@ def run_job(directory: Path, job: Job) -> dict:
     questions = load_mc_tasks(str(directory / "data" / "val"))
     heldout = {"heldout": [q for qs in load_mc_tasks(str(directory / "data" / "heldout.jsonl")).values() for q in qs]}
     start = time.perf_counter()
+    result = {"method": job.method, "seed": job.seed, "lr": job.lr}
     if job.method == "base":
         from qlrlora.model import load_backbone
 
         model, tokenizer = load_backbone(recipe.model)
-        trainer = None
-    elif job.method in PEFT_METHODS:
-        trainer = _peft_trainer(recipe, job, protocol)
-        model, tokenizer = trainer.model, trainer.processing_class
+        result.update(adapter_params=0, peak_gib=_peak_gib())
     else:
-        trainer = build_trainer(recipe)
+        trainer = _peft_trainer(recipe, job, protocol) if job.method in PEFT_METHODS else build_trainer(recipe)
         model, tokenizer = trainer.model, trainer.processing_class
-    if trainer is not None:
-        try:
-            trainer.train()
-            guards = [c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnDivergence)]
-            guards[0].check()  # QLRSFTTrainer.train checks its own; the PEFT trainers are checked here
-        except TrainingDiverged as e:
-            result = {"method": job.method, "seed": job.seed, "lr": job.lr, "diverged_at_step": e.step,
-                      "error": str(e), "wall_s": round(time.perf_counter() - start, 1)}
-            atomic_write_json(out / "result.json", result)
-            return result
-        if job.method not in PEFT_METHODS:
-            trainer.save_model(str(out))  # adapter, ranks.json and ranks.png
-    result = {"method": job.method, "seed": job.seed, "lr": job.lr}
-    if trainer is not None:
-        history = trainer.state.log_history
-        result["train_s"] = next(row["train_runtime"] for row in reversed(history) if "train_runtime" in row)
-        result["train_steps"] = trainer.state.global_step
-        result["trained_tokens"] = int(next((row["num_tokens"] for row in reversed(history) if "num_tokens" in row), 0))
-        result["final_loss"] = next((row["loss"] for row in reversed(history) if "loss" in row), None)
-    result["adapter_params"] = _adapter_params(trainer, job)
-    result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+        if (out / TRAINED).is_file():
+            _restore_trained(trainer, job, out)
+            result = {**json.loads((out / TRAINED).read_text()), "evaluated_on_restart": True}
+        else:
+            try:
+                trainer.train()
+                guards = [c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnDivergence)]
+                guards[0].check()  # QLRSFTTrainer.train checks its own; the PEFT trainers are checked here
+            except TrainingDiverged as e:
+                result.update(diverged_at_step=e.step, error=str(e), wall_s=round(time.perf_counter() - start, 1))
+                atomic_write_json(out / "result.json", result)
+                return result
+            _save_trained(trainer, job, out)
+            history = trainer.state.log_history
+            result["train_s"] = next(row["train_runtime"] for row in reversed(history) if "train_runtime" in row)
+            result["train_steps"] = trainer.state.global_step
+            result["trained_tokens"] = int(next((row["num_tokens"] for row in reversed(history)
+                                                 if "num_tokens" in row), 0))
+            result["final_loss"] = next((row["loss"] for row in reversed(history) if "loss" in row), None)
+            result.update(adapter_params=_adapter_params(trainer, job), peak_gib=_peak_gib())
+            atomic_write_json(out / TRAINED, result)
     result["validation"] = evaluate_mc(model, tokenizer, questions, protocol.eval_batch_size, progress=False)
     result["heldout"] = evaluate_mc(model, tokenizer, heldout, protocol.eval_batch_size, progress=False)
-    if trainer is not None and job.method not in PEFT_METHODS:
+    if job.method not in ("base", *PEFT_METHODS):
         result["ranks"] = json.loads((out / "ranks.json").read_text())["layers"]
     result["wall_s"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out / "result.json", result)
     return result
+
+
+TRAINED = "trained.json"  # the training figures, written once the trained adapter is saved
+PEFT_WEIGHTS = "trained_peft.safetensors"
+
+
+def _save_trained(trainer, job: Job, out: Path) -> None:
+    """Ours: the adapter, ranks.json and ranks.png. PEFT: every trainable tensor as it is in the trained model
+    (PEFT's own save cuts AdaLoRA's factors to its ranks, so reloading them would change the module shapes)."""
+    if job.method not in PEFT_METHODS:
+        trainer.save_model(str(out))
+        return
+    from safetensors.torch import save_file
+
+    from qlrlora.io import atomic_write
+
+    tensors = {n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    atomic_write(out / PEFT_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _restore_trained(trainer, job: Job, out: Path) -> None:
+    """Put what `_save_trained` wrote back into a trainer built as the one that trained it."""
+    if job.method not in PEFT_METHODS:
+        from qlrlora.checkpoint import load_adapter
+
+        _, meta = load_adapter(out, trainer.model)
+        trainer.controller.load_state_dict(meta["controller"])
+        return
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / PEFT_WEIGHTS))
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    if set(tensors) != trainable:
+        raise QLRError(f"{out / PEFT_WEIGHTS}: saved tensors differ from this job's adapter at "
+                       f"{', '.join(sorted(set(tensors) ^ trainable)[:3])}")
+    parameters = dict(trainer.model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor)
+
+
+def _peak_gib() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 def _peft_trainer(recipe, job: Job, protocol: Protocol):
@@ -396,8 +444,6 @@ def _adalora_orthogonality(model):
 
 def _adapter_params(trainer, job: Job) -> int:
     """Adapter parameters at the end of training: what an export of this adapter holds."""
-    if trainer is None:
-        return 0
     if job.method not in PEFT_METHODS:
         return trainer.controller.live_params()
     total = 0

@@ -185,6 +185,14 @@ def test_tiny_benchmark_end_to_end(tmp_path, mixture):
     for job in (Job("base"), Job("lora", 0, 1e-3), Job("adalora", 0, 1e-3), Job("lr_lora_budget", 0, 1e-3)):
         out = run_job(directory, job)
         assert 0 <= out["validation"]["average"] <= 1 and len(out["validation"]["tasks"]) == len(TASKS)
+    # A job stopped after training (its result.json never written) is evaluated again without training.
+    for job in (Job("lora", 0, 1e-3), Job("adalora", 0, 1e-3), Job("lr_lora_budget", 0, 1e-3)):
+        path = directory / "jobs" / job.name / "result.json"
+        first = json.loads(path.read_text())
+        path.unlink()
+        again = run_job(directory, job)
+        assert again["evaluated_on_restart"] and again["train_s"] == first["train_s"]
+        assert again["validation"] == first["validation"] and again["heldout"] == first["heldout"]
     # Both trainers stop a diverged run at its first logging step (every 25) and record where. The batch of 2
     # makes the 64 rows 32 steps.
     protocol = read_protocol(directory)
@@ -206,3 +214,41 @@ def test_tiny_benchmark_end_to_end(tmp_path, mixture):
     summary = json.loads((tmp_path / "c.json").read_text())
     assert set(summary["methods"]) == {"base", "lora", "adalora", "lr_lora_budget"}
     assert summary["sweep_heldout"]["lora"]["1e+30"].startswith("diverged at step")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "lr_lora_budget"])
+def test_a_trained_adapter_restores_exactly_into_a_new_trainer(tmp_path, mixture, method):
+    import torch
+
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import _peft_trainer, _restore_trained, _save_trained
+    from qlrlora.sft import build_trainer
+
+    directory = tmp_path / "bench"
+    prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=16, heldout_rows=4, val_per_task=1,
+                                batch_size=8, max_length=64, r_max=4, rank=2, adalora_init_r=3), mixture)
+    protocol, job = read_protocol(directory), Job(method, 0, 1e-3)
+    out = directory / "jobs" / job.name
+    out.mkdir(parents=True)
+
+    def trainer():
+        recipe = recipe_for(directory, job, protocol)
+        return _peft_trainer(recipe, job, protocol) if method != "lr_lora_budget" else build_trainer(recipe)
+
+    trained = trainer()
+    torch.manual_seed(1)
+    with torch.no_grad():  # stands in for training: every trainable tensor moves, AdaLoRA's E partly masked
+        for name, p in trained.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+                if "lora_E" in name:
+                    p[: p.shape[0] // 2] = 0
+        if method == "lr_lora_budget":
+            trained.controller.ranks.values.copy_(torch.tensor([1.0, 3.0] * 7)[: trained.controller.ranks.values.numel()])
+    _save_trained(trained, job, out)
+    restored = trainer()
+    _restore_trained(restored, job, out)
+    tokens = torch.randint(0, 320, (2, 12))
+    trained.model.eval(), restored.model.eval()
+    with torch.no_grad():
+        assert torch.equal(trained.model(input_ids=tokens).logits, restored.model(input_ids=tokens).logits)
