@@ -7,7 +7,8 @@
 The protocol (`Protocol`): one NF4 backbone, adapters on every linear layer of the decoder blocks,
 the same training rows in the same order (a seeded sample of the mixture), the same batch,
 schedule, cutoff and number of steps (`epochs` passes over the sample) for every method; only the
-adapter and its learning rate differ. Every job is one process (the jobs of a stage run side by side on one GPU).
+adapter and its learning rate differ. Every job is one process (the jobs of a stage run side by side
+on one GPU).
 
 - `sweep`: the base model, and LoRA, DoRA, AdaLoRA and LR-LoRA (budget mode) at each learning
   rate of `Protocol.learning_rates`, seed 0. The learning rate of a method is the one with the best
@@ -290,9 +291,7 @@ def run_job(directory: Path, job: Job) -> dict:
     """Train (or restore what an earlier process trained), evaluate, and write the job's result.json.
 
     Training ends by saving the adapter and the training figures (TRAINED), so a job stopped while it
-    evaluates (a deadline, a lost machine) is only evaluated when it runs again."""
-    import torch
-
+    evaluates (killed at a deadline) is only evaluated when it runs again."""
     from qlrlora.evaluate import evaluate_mc, load_mc_tasks
     from qlrlora.sft import build_trainer
     from qlrlora.trainer import StopOnDivergence, TrainingDiverged

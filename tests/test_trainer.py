@@ -184,9 +184,9 @@ def test_a_run_that_diverges_stops_with_a_one_line_error(tmp_path):
 def test_divergence_is_read_from_the_gradient_norm_unless_the_loss_scaler_skips_overflows(fp16):
     from types import SimpleNamespace
 
-    from qlrlora.trainer import StopOnDivergence, TrainingDiverged
-
     from transformers import TrainerControl
+
+    from qlrlora.trainer import StopOnDivergence, TrainingDiverged
 
     args, state = SimpleNamespace(fp16=fp16, learning_rate=1e-3), SimpleNamespace(global_step=7)
     guard, control = StopOnDivergence(), TrainerControl()
