@@ -4,16 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "vocab_size": 320,
-}
+from qlrlora.throughput import TINY
+
+# The tiny Llama of the benchmark tool's CPU runs, with a shorter position range.
+TINY_LLAMA = {**TINY, "max_position_embeddings": 256}
 
 
 @pytest.fixture(autouse=True, scope="session")

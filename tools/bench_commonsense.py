@@ -136,8 +136,7 @@ def markdown(summary: dict) -> str:
         out += ["## Learning-rate sweep: accuracy on the held-out slice of the training mixture (seed 0)", "",
                 "| method | " + " | ".join(rates) + " |", "| --- " * (1 + len(rates)) + "|"]
         for name, values in sweep.items():
-            cells = (values.get(r, "") if isinstance(values.get(r, ""), str) else f"{values[r]:.4f}" for r in rates)
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
+            out.append(f"| {name} | " + " | ".join(_sweep_cell(values.get(r)) for r in rates) + " |")
         out.append("")
     diff = summary["differentiation"]
     if diff:
@@ -146,6 +145,11 @@ def markdown(summary: dict) -> str:
             out.append(f"| {key} | {'n/a' if value is None else f'{value:.3f}' if isinstance(value, float) else value} |")
         out += ["", rank_table(summary["learned_ranks"]), ""]
     return "\n".join(out)
+
+
+def _sweep_cell(score: float | str | None) -> str:
+    """A held-out accuracy, or where the run diverged, or nothing for a rate not run."""
+    return "" if score is None else score if isinstance(score, str) else f"{score:.4f}"
 
 
 def rank_table(learned: dict[str, list[int]]) -> str:
