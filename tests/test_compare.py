@@ -150,12 +150,16 @@ def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
     results = [result("lora", 1e-3, 0, 0.6, avg=0.40), result("lora", 2e-3, 0, 0.5, avg=0.99),
                result("lora", 1e-3, 1, 0.6, avg=0.44), result("lr_lora_budget", 1e-3, 0, 0.6, avg=0.5, ranks=learned),
                result("lr_lora_budget", 1e-3, 1, 0.6, avg=0.52, ranks=ranks_of([3, 4, 11, 4, 7, 15]))]
-    summary = summarize(bench_dir(tmp_path, results))
+    directory = bench_dir(tmp_path, results)
+    summary = summarize(directory)
     lora = summary["methods"]["lora"]
     assert lora["seeds"] == [0, 1] and lora["avg"] == pytest.approx(0.42) and lora["std"] == pytest.approx(0.02 * 2**0.5)
     assert summary["sweep_heldout"]["lora"] == {"0.001": 0.6, "0.002": 0.5}
     assert summary["learned_ranks"]["model.layers.0.mlp.up_proj"] == [12, 11]
     assert summary["differentiation"]["seeds"] == 2
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert f"| +0.090 (seed std {0.02 * 2**0.5:.3f}) |" in report.stdout, report.stdout  # 0.51 - 0.42
 
 
 def test_a_diverged_run_shows_in_the_sweep_and_nowhere_else(tmp_path):
@@ -211,6 +215,7 @@ def test_tiny_benchmark_end_to_end(tmp_path, mixture):
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| lr_lora_budget | 0.001 | 0 |" in report.stdout and (tmp_path / "ranks.png").is_file()
+    assert "(one seed each: noise not measured)" in report.stdout  # a difference never shows without its noise
     summary = json.loads((tmp_path / "c.json").read_text())
     assert set(summary["methods"]) == {"base", "lora", "adalora", "lr_lora_budget"}
     assert summary["sweep_heldout"]["lora"]["1e+30"].startswith("diverged at step")

@@ -118,7 +118,7 @@ def markdown(summary: dict) -> str:
         delta = ""
         if lora and name != "lora":
             noise = [s for s in (m["std"], lora["std"]) if s is not None]
-            spread = f" (seed std {max(noise):.3f})" if noise else ""
+            spread = f" (seed std {max(noise):.3f})" if noise else " (one seed each: noise not measured)"
             delta = f"{m['avg'] - lora['avg']:+.3f}{spread}"
         std = "" if m["std"] is None else f"{m['std']:.3f}"
         lr = "" if m["lr"] is None else f"{m['lr']:g}"
