@@ -33,6 +33,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -181,10 +183,11 @@ def write_permuted_ranks(directory: Path, learned: Job, seed: int) -> Path:
 
 
 def run_stage(directory: Path, jobs: list[Job], parallel: int, deadline: float, start_by: float) -> dict[str, str]:
-    """Run the jobs not yet done as separate processes, `parallel` at a time, and kill what runs past `deadline` s.
+    """Run the jobs not yet done as separate processes, `parallel` at a time, and stop what runs past `deadline` s.
 
     A job is started only before `start_by` s and, once some job has finished, only if the longest
-    finished job would still end before the deadline."""
+    finished job would still end before the deadline. At the deadline a training job saves a checkpoint
+    at the end of its step and stops (`STOP_GRACE_S` at most), so that its next run resumes from it."""
     from qlrlora.assets import resolve_model
 
     start = time.monotonic()
@@ -215,17 +218,41 @@ def run_stage(directory: Path, jobs: list[Job], parallel: int, deadline: float, 
                 print(f"[{time.monotonic() - start:5.0f}s] {status[name]} after {took:.0f}s: {name}", flush=True)
                 del running[name]
         if time.monotonic() - start > deadline:
-            for name, (process, log, _) in running.items():
-                process.kill()
-                log.close()
-                status[name] = "killed at the deadline"
-                print(f"killed at the deadline: {name}", flush=True)
+            status.update(_stop_at_deadline(directory, running))
             running.clear()
         if not running and pending and (time.monotonic() - start >= start_by
                                         or time.monotonic() - start + longest >= deadline):
             status.update({job.name: "not started: it would not end before the deadline" for job in pending})
             break
         time.sleep(2)
+    return status
+
+
+STOP_GRACE_S = 60  # a training step of the slowest job side by side with others, and a checkpoint's save
+STOPPED_EXIT = 3  # a job's exit status when it stopped on SIGTERM with a checkpoint to resume from
+
+
+def _stop_at_deadline(directory: Path, running: dict) -> dict[str, str]:
+    """SIGTERM to every running job, SIGKILL to what is still running `STOP_GRACE_S` later; their statuses."""
+    for process, _, _ in running.values():
+        process.terminate()
+    until = time.monotonic() + STOP_GRACE_S
+    status = {}
+    for name, (process, log, _) in running.items():
+        try:
+            process.wait(timeout=max(until - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        if process.returncode == STOPPED_EXIT:
+            from qlrlora.rundir import last_complete_checkpoint
+
+            checkpoint = last_complete_checkpoint(directory / "jobs" / name)
+            status[name] = f"stopped at the deadline: resumes from {checkpoint.name} when run again"
+        else:
+            status[name] = "killed at the deadline"
+        print(f"{status[name]}: {name}", flush=True)
     return status
 
 
@@ -266,7 +293,9 @@ def recipe_for(directory: Path, job: Job, protocol: Protocol):
         "bf16": gpu,
         "use_cpu": not gpu,
         "logging_steps": 25,
-        "save_strategy": "no",
+        "save_strategy": "no",  # a checkpoint only when the job is stopped (SIGTERM), the last one kept
+        "save_total_limit": 1,
+        "include_num_input_tokens_seen": "non_padding",  # in the trainer state, so counted across a resume
         "seed": job.seed,
         "report_to": "none",
         "dataloader_num_workers": 1,
@@ -290,8 +319,12 @@ def peft_config(job: Job, protocol: Protocol, total_steps: int):
 def run_job(directory: Path, job: Job) -> dict:
     """Train (or restore what an earlier process trained), evaluate, and write the job's result.json.
 
+    A job sent SIGTERM while it trains saves a checkpoint at the end of its step and raises JobStopped;
+    run again, it resumes from that checkpoint (`segments` in its result says where it was stopped).
+    Not AdaLoRA: PEFT saves its factors cut to the ranks allocated so far and not the importance
+    averages that allocate them, so a resumed run would not be the same run; SIGTERM ends it.
     Training ends by saving the adapter and the training figures (TRAINED), so a job stopped while it
-    evaluates (killed at a deadline) is only evaluated when it runs again."""
+    evaluates is only evaluated when it runs again."""
     from qlrlora.evaluate import evaluate_mc, load_mc_tasks
     from qlrlora.sft import build_trainer
     from qlrlora.trainer import StopOnDivergence, TrainingDiverged
@@ -316,7 +349,7 @@ def run_job(directory: Path, job: Job) -> dict:
             result = {**json.loads((out / TRAINED).read_text()), "evaluated_on_restart": True}
         else:
             try:
-                trainer.train()
+                segments = _train(trainer, job, out)
                 guards = [c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnDivergence)]
                 guards[0].check()  # QLRSFTTrainer.train checks its own; the PEFT trainers are checked here
             except TrainingDiverged as e:
@@ -324,12 +357,15 @@ def run_job(directory: Path, job: Job) -> dict:
                 atomic_write_json(out / "result.json", result)
                 return result
             _save_trained(trainer, job, out)
+            for checkpoint in out.glob("checkpoint-*"):  # the trained adapter is all a later run needs
+                shutil.rmtree(checkpoint)
             history = trainer.state.log_history
-            result["train_s"] = next(row["train_runtime"] for row in reversed(history) if "train_runtime" in row)
+            result["train_s"] = round(sum(segment["train_s"] for segment in segments), 4)
             result["train_steps"] = trainer.state.global_step
-            result["trained_tokens"] = int(next((row["num_tokens"] for row in reversed(history)
-                                                 if "num_tokens" in row), 0))
+            result["trained_tokens"] = trainer.state.num_input_tokens_seen
             result["final_loss"] = next((row["loss"] for row in reversed(history) if "loss" in row), None)
+            if len(segments) > 1:
+                result["segments"] = segments
             result.update(adapter_params=_adapter_params(trainer, job), peak_gib=_peak_gib())
             atomic_write_json(out / TRAINED, result)
     result["validation"] = evaluate_mc(model, tokenizer, questions, protocol.eval_batch_size, progress=False)
@@ -342,6 +378,44 @@ def run_job(directory: Path, job: Job) -> dict:
 
 
 TRAINED = "trained.json"  # the training figures, written once the trained adapter is saved
+SEGMENTS = "segments.json"  # the steps and training time of each run of a job stopped before it finished
+
+
+class JobStopped(Exception):
+    """SIGTERM stopped the job's training at a checkpoint it resumes from."""
+
+
+def _train(trainer, job: Job, out: Path) -> list[dict]:
+    """Train from the job's last complete checkpoint, if any; every run's steps and time so far.
+
+    Raises JobStopped once SIGTERM has stopped training at a checkpoint before the last step."""
+    from qlrlora.rundir import COMPLETE_MARKER, last_complete_checkpoint
+    from qlrlora.trainer import MarkCompleteCheckpoints, StopOnSignal
+
+    path = out / SEGMENTS
+    resume = None if job.method == "adalora" else last_complete_checkpoint(out)
+    segments = json.loads(path.read_text()) if resume and path.is_file() else []
+    begun = json.loads((resume / COMPLETE_MARKER).read_text())["global_step"] if resume else 0
+    stop = StopOnSignal()
+    if job.method == "adalora":
+        trainer.train()
+    else:
+        trainer.add_callback(stop)
+        if job.method in PEFT_METHODS:
+            trainer.add_callback(MarkCompleteCheckpoints())
+        previous = signal.signal(signal.SIGTERM, stop.request)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    state = trainer.state
+    history = state.log_history
+    runtime = next(row["train_runtime"] for row in reversed(history) if "train_runtime" in row)
+    segments.append({"from_step": begun, "to_step": state.global_step, "train_s": runtime})
+    if stop.requested and state.global_step < state.max_steps:
+        atomic_write_json(path, segments)
+        raise JobStopped(f"stopped at step {state.global_step} of {state.max_steps}")
+    return segments
 PEFT_WEIGHTS = "trained_peft.safetensors"
 
 
@@ -403,11 +477,25 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
     model, tokenizer = load_backbone(recipe.model)
     steps = math.ceil(len(rows) / protocol.batch_size) * protocol.epochs
     config = peft_config(job, protocol, steps)
-    if job.method != "adalora":
-        return SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer, peft_config=config,
-                          callbacks=[StopOnDivergence()])
 
-    class AdaLoraSFTTrainer(SFTTrainer):
+    class PeftSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.trained_dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # PEFT loads a resumed adapter in fp32 (autocast_adapter_dtype), where SFTTrainer trained it in bf16;
+            # put back the dtypes it trained in before the optimizer state is loaded onto them.
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, param in self.model.named_parameters():
+                if name in self.trained_dtypes and param.dtype != self.trained_dtypes[name]:
+                    param.data = param.data.to(self.trained_dtypes[name])
+
+    if job.method != "adalora":
+        return PeftSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                              peft_config=config, callbacks=[StopOnDivergence()])
+
+    class AdaLoraSFTTrainer(PeftSFTTrainer):
         # TRL computes the loss from its fused LM head's log-probabilities, so the orthogonality regulariser
         # that AdaLoRA adds to `outputs.loss` would be dropped; add it back.
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -594,6 +682,9 @@ def main(argv: list[str]) -> int:
     except QLRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except JobStopped as e:
+        print(f"{e}: the next run resumes from its checkpoint", file=sys.stderr)
+        return STOPPED_EXIT
     return 0
 
 

@@ -5,12 +5,14 @@ What it adds to SFTTrainer, and where:
   parameters of quantized models to bf16;
 - `StopOnDivergence` callback and `train`: a run whose loss or gradient norm is no longer finite
   stops with a one-line error instead of training NaN parameters to the end;
+- `StopOnSignal` callback: once asked (from a signal handler), saves a checkpoint at the end of the
+  step and stops, so that a run stopped on purpose resumes where it stopped;
 - `_RankStep` callback, before every optimizer step: the controller moves the ranks from their
   gradient (averaged over data-parallel processes, fp16 loss scale removed) and clears it. The
   ranks are not model parameters, so the optimizer, gradient clipping and DDP never touch them;
 - `log`: rank metrics at every logging step (console, TensorBoard, trainer_state.json);
 - `save_model`: the adapter as safetensors + JSON with ranks.json and ranks.png, instead of a copy of
-  the whole quantized model; `on_save`, a completion marker for every checkpoint;
+  the whole quantized model; `MarkCompleteCheckpoints`, a completion marker for every checkpoint;
 - `_load_from_checkpoint` / `_load_best_model` (private: Trainer has no public hook for loading a
   checkpoint of another format; fenced by a test): an exact resume.
 """
@@ -61,6 +63,7 @@ class QLRSFTTrainer(SFTTrainer):
         self.rank_config = rank_config
         self.controller = RankController(layers, rank_config, total_steps=max(self.args.max_steps, 1))
         self.add_callback(_RankStep(self))
+        self.add_callback(MarkCompleteCheckpoints())
         self.divergence = StopOnDivergence()
         self.add_callback(self.divergence)
 
@@ -198,8 +201,33 @@ class StopOnDivergence(TrainerCallback):
             raise self.error
 
 
+class MarkCompleteCheckpoints(TrainerCallback):
+    """Called once the whole checkpoint (adapter, optimizer, scheduler, RNG, trainer state) is written, it writes
+    the marker last and atomically: a checkpoint without it was interrupted and is never resumed."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            atomic_write_json(folder / COMPLETE_MARKER, {"global_step": state.global_step})
+
+
+class StopOnSignal(TrainerCallback):
+    """Once `request` has run (install it as a signal handler), save a checkpoint at the end of the step and stop."""
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self, signum=None, frame=None) -> None:
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = control.should_training_stop = True
+        return control
+
+
 class _RankStep(TrainerCallback):
-    """The rank step before each optimizer step, and the completion marker of every checkpoint."""
+    """The rank step before each optimizer step."""
 
     def __init__(self, trainer: QLRSFTTrainer):
         self.trainer = trainer
@@ -210,13 +238,6 @@ class _RankStep(TrainerCallback):
         problem = trainer.controller.unreachable_budget()
         if problem and trainer.is_world_process_zero():
             print(f"warning: {problem}", file=sys.stderr, flush=True)
-
-    def on_save(self, args, state, control, **kwargs):
-        # Called once the whole checkpoint (adapter, optimizer, scheduler, RNG, trainer state) is written. The
-        # marker is written last and atomically: a checkpoint without it was interrupted and is never resumed.
-        if args.should_save:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            atomic_write_json(folder / COMPLETE_MARKER, {"global_step": state.global_step})
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         scaler = getattr(self.trainer.accelerator, "scaler", None)

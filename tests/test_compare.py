@@ -257,3 +257,72 @@ def test_a_trained_adapter_restores_exactly_into_a_new_trainer(tmp_path, mixture
     trained.model.eval(), restored.model.eval()
     with torch.no_grad():
         assert torch.equal(trained.model(input_ids=tokens).logits, restored.model(input_ids=tokens).logits)
+
+
+@pytest.mark.parametrize("method", ["lora", "lr_lora_budget"])
+def test_a_job_stopped_by_sigterm_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, mixture, method,
+                                                                                   monkeypatch):
+    import os
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import PEFT_WEIGHTS, JobStopped, run_job
+    from qlrlora.rundir import COMPLETE_MARKER
+    from qlrlora.trainer import StopOnDivergence
+
+    protocol = Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=32, heldout_rows=4, val_per_task=1,
+                        batch_size=4, max_length=64, r_max=4, rank=2)
+    job = Job(method, 0, 1e-3)
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    for directory in (whole, parted):
+        prepare(directory, protocol, mixture)
+    expected = run_job(whole, job)
+
+    step_end = StopOnDivergence.on_step_end
+
+    def sigterm_at_step_3(self, args, state, control, **kwargs):  # a real SIGTERM, as at a stage's deadline
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnDivergence, "on_step_end", sigterm_at_step_3)
+    with pytest.raises(JobStopped, match="stopped at step 3 of 8"):
+        run_job(parted, job)
+    out = parted / "jobs" / job.name
+    assert (out / "checkpoint-3" / COMPLETE_MARKER).is_file() and not (out / "result.json").exists()
+    monkeypatch.undo()
+    resumed = run_job(parted, job)
+    assert [(s["from_step"], s["to_step"]) for s in resumed["segments"]] == [(0, 3), (3, 8)]
+    assert resumed["train_steps"] == expected["train_steps"] == 8
+    assert resumed["trained_tokens"] == expected["trained_tokens"] > 0
+    assert not list(out.glob("checkpoint-*"))
+    weights = PEFT_WEIGHTS if method == "lora" else "lrlora_adapter.safetensors"
+    trained, again = load_file(str(whole / "jobs" / job.name / weights)), load_file(str(out / weights))
+    assert trained.keys() == again.keys()  # the same run, to the bit: data order, dtypes, optimizer state, ranks
+    assert all(again[name].dtype == trained[name].dtype and torch.equal(again[name], trained[name]) for name in trained)
+    assert resumed["validation"] == expected["validation"]
+
+
+def test_at_the_deadline_a_stage_stops_its_jobs_and_kills_what_does_not_stop(tmp_path, monkeypatch):
+    from qlrlora import compare
+    from qlrlora.rundir import COMPLETE_MARKER
+
+    monkeypatch.setattr(compare, "STOP_GRACE_S", 2)
+    checkpoint = tmp_path / "jobs" / "stops" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"global_step": 5}))
+    stops = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(3)); print('up', flush=True); "
+             "time.sleep(60)")
+    ignores = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    running = {}
+    for name, code in (("stops", stops), ("ignores", ignores)):
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "up\n"  # its handler is installed
+        running[name] = (process, process.stdout, 0.0)
+    status = compare._stop_at_deadline(tmp_path, running)
+    assert status == {"stops": "stopped at the deadline: resumes from checkpoint-5 when run again",
+                      "ignores": "killed at the deadline"}
+    assert all(process.returncode is not None for process, _, _ in running.values())
