@@ -76,6 +76,7 @@ class Protocol:
 
     @property
     def lr_lora_alpha(self) -> float:
+        """LR-LoRA's alpha whose scale alpha / sqrt(r_max) equals LoRA's alpha / rank."""
         return self.alpha / self.rank * math.sqrt(self.r_max)
 
 
@@ -204,7 +205,7 @@ def run_stage(directory: Path, jobs: list[Job], parallel: int, deadline: float, 
             job = pending.pop(0)
             folder = directory / "jobs" / job.name
             folder.mkdir(parents=True, exist_ok=True)
-            log = open(folder / "log.txt", "w")
+            log = open(folder / "log.txt", "a")  # a resumed job's log continues the earlier runs' log
             command = [sys.executable, "-m", "qlrlora.compare", str(directory), json.dumps(dataclasses.asdict(job))]
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
             running[job.name] = (process, log, now)
@@ -469,7 +470,7 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
     from qlrlora.data import load_sft_dataset
     from qlrlora.model import load_backbone
     from qlrlora.sft import _sft_config
-    from qlrlora.trainer import StopOnDivergence
+    from qlrlora.trainer import StopOnDivergence, resumable_sampler
 
     set_seed(job.seed)
     args = _sft_config(recipe)
@@ -490,6 +491,9 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
             for name, param in self.model.named_parameters():
                 if name in self.trained_dtypes and param.dtype != self.trained_dtypes[name]:
                     param.data = param.data.to(self.trained_dtypes[name])
+
+        def _get_train_sampler(self, train_dataset=None):
+            return resumable_sampler(super()._get_train_sampler(train_dataset), self.args)
 
     if job.method != "adalora":
         return PeftSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,

@@ -14,7 +14,9 @@ What it adds to SFTTrainer, and where:
 - `save_model`: the adapter as safetensors + JSON with ranks.json and ranks.png, instead of a copy of
   the whole quantized model; `MarkCompleteCheckpoints`, a completion marker for every checkpoint;
 - `_load_from_checkpoint` / `_load_best_model` (private: Trainer has no public hook for loading a
-  checkpoint of another format; fenced by a test): an exact resume.
+  checkpoint of another format; fenced by a test): an exact resume;
+- `_get_train_sampler` (private, fenced by the same test): `group_by_length` draws each pass's order
+  from the seed and the pass (`resumable_sampler`), so a resume in a later pass is exact too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from qlrlora.adapter import LRLoRALinear
@@ -146,6 +149,32 @@ class QLRSFTTrainer(SFTTrainer):
         """`load_best_model_at_end`: the best checkpoint's adapter and rank state."""
         _, meta = load_adapter(self.state.best_model_checkpoint, self.model)
         self.controller.load_state_dict(meta["controller"])
+
+    def _get_train_sampler(self, train_dataset=None):
+        return resumable_sampler(super()._get_train_sampler(train_dataset), self.args)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """`group_by_length`'s sampler, each pass's order drawn from `seed + epoch` (Trainer calls `set_epoch`
+    before every pass). Trainer's own draws it from the global RNG as the pass begins, and a run resumed
+    in its second pass or later restores that RNG only after drawing: it trained another order than the
+    run it continues, some rows of the pass twice and others not at all."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
+def resumable_sampler(sampler, args):
+    """Trainer's training sampler, or, for `group_by_length`, one whose order a resume reproduces."""
+    if type(sampler) is LengthGroupedSampler and sampler.generator is None:
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+    return sampler
 
 
 class TrainingDiverged(QLRError):

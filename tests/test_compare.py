@@ -274,7 +274,7 @@ def test_a_job_stopped_by_sigterm_resumes_from_its_checkpoint_to_the_same_adapte
     from qlrlora.trainer import StopOnDivergence
 
     protocol = Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=32, heldout_rows=4, val_per_task=1,
-                        batch_size=4, max_length=64, r_max=4, rank=2)
+                        batch_size=4, max_length=64, r_max=4, rank=2, epochs=2)  # stopped in the second pass
     job = Job(method, 0, 1e-3)
     whole, parted = tmp_path / "whole", tmp_path / "parted"
     for directory in (whole, parted):
@@ -283,20 +283,20 @@ def test_a_job_stopped_by_sigterm_resumes_from_its_checkpoint_to_the_same_adapte
 
     step_end = StopOnDivergence.on_step_end
 
-    def sigterm_at_step_3(self, args, state, control, **kwargs):  # a real SIGTERM, as at a stage's deadline
-        if state.global_step == 3:
+    def sigterm_at_step_11(self, args, state, control, **kwargs):  # a real SIGTERM, as at a stage's deadline
+        if state.global_step == 11:
             os.kill(os.getpid(), signal.SIGTERM)
         return step_end(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(StopOnDivergence, "on_step_end", sigterm_at_step_3)
-    with pytest.raises(JobStopped, match="stopped at step 3 of 8"):
+    monkeypatch.setattr(StopOnDivergence, "on_step_end", sigterm_at_step_11)
+    with pytest.raises(JobStopped, match="stopped at step 11 of 16"):
         run_job(parted, job)
     out = parted / "jobs" / job.name
-    assert (out / "checkpoint-3" / COMPLETE_MARKER).is_file() and not (out / "result.json").exists()
+    assert (out / "checkpoint-11" / COMPLETE_MARKER).is_file() and not (out / "result.json").exists()
     monkeypatch.undo()
     resumed = run_job(parted, job)
-    assert [(s["from_step"], s["to_step"]) for s in resumed["segments"]] == [(0, 3), (3, 8)]
-    assert resumed["train_steps"] == expected["train_steps"] == 8
+    assert [(s["from_step"], s["to_step"]) for s in resumed["segments"]] == [(0, 11), (11, 16)]
+    assert resumed["train_steps"] == expected["train_steps"] == 16
     assert resumed["trained_tokens"] == expected["trained_tokens"] > 0
     assert not list(out.glob("checkpoint-*"))
     weights = PEFT_WEIGHTS if method == "lora" else "lrlora_adapter.safetensors"

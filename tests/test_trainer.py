@@ -207,7 +207,7 @@ def test_divergence_is_read_from_the_gradient_norm_unless_the_loss_scaler_skips_
 
 
 def test_the_private_trainer_seams_we_use_exist():
-    """QLRSFTTrainer overrides two private Trainer methods and sets one private flag (trainer.py says why).
+    """QLRSFTTrainer overrides three private Trainer methods and sets one private flag (trainer.py says why).
     This fails loudly when a supported transformers release renames or reshapes them."""
     import inspect
 
@@ -217,5 +217,31 @@ def test_the_private_trainer_seams_we_use_exist():
     assert list(inspect.signature(Trainer._load_best_model).parameters) == ["self"]
     assert "self._load_from_checkpoint(resume_from_checkpoint" in inspect.getsource(Trainer)
     assert "self._load_best_model()" in inspect.getsource(Trainer)
+    assert list(inspect.signature(Trainer._get_train_sampler).parameters) == ["self", "train_dataset"]
+    assert "sampler_fn=self._get_train_sampler" in inspect.getsource(Trainer)
     assert "_hf_peft_config_loaded" in inspect.getsource(trainer_utils)
     assert list(inspect.signature(Trainer.save_model).parameters) == ["self", "output_dir", "_internal_call"]
+
+
+def test_group_by_length_draws_each_pass_from_the_seed_and_the_pass(tmp_path, monkeypatch):
+    """Trainer reaches the sampler's set_epoch before every pass (else every pass would repeat the first
+    order), and the order is a function of the seed and the pass alone (what makes a resume exact)."""
+    from qlrlora.trainer import EpochSeededLengthGroupedSampler
+
+    passes = []
+    set_epoch = EpochSeededLengthGroupedSampler.set_epoch
+    monkeypatch.setattr(EpochSeededLengthGroupedSampler, "set_epoch",
+                        lambda self, epoch: (passes.append(epoch), set_epoch(self, epoch)))
+    recipe = tiny_recipe(tmp_path, train={"max_steps": -1, "num_train_epochs": 3, "save_strategy": "no",
+                                          "train_sampling_strategy": "group_by_length"})
+    trainer = build_trainer(recipe)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, EpochSeededLengthGroupedSampler)
+    orders = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert orders[0] == orders[2] != orders[1] and sorted(orders[0]) == list(range(len(trainer.train_dataset)))
+    passes.clear()
+    trainer.train()
+    assert list(dict.fromkeys(passes)) == [0, 1, 2]  # (accelerate and Trainer each call it)
