@@ -4,6 +4,8 @@
 #   bash docs/benchmarks/commonsense/run.sh jobs DEADLINE_SECONDS METHOD:SEED:LR ...
 # BENCH is the directory `tools/bench_commonsense.py prepare` wrote (staged to the GPU machine); the results,
 # the per-job logs and the ranks come back as $OUT/results.tgz, and a later call unpacks them again first.
+# At the deadline a training job saves a checkpoint and stops; the same command in a later call on the
+# same machine (the checkpoints stay in $BENCH, outside the repo, while it is warm) resumes it.
 set -uo pipefail
 stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
