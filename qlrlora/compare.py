@@ -34,7 +34,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -409,11 +408,8 @@ def _train(trainer, job: Job, out: Path) -> list[dict]:
         trainer.add_callback(stop)
         if job.method in PEFT_METHODS:
             trainer.add_callback(MarkCompleteCheckpoints())
-        previous = signal.signal(signal.SIGTERM, stop.request)
-        try:
+        with stop.on_sigterm():
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
     state = trainer.state
     history = state.log_history
     runtime = next(row["train_runtime"] for row in reversed(history) if "train_runtime" in row)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0
     _quiet_environment()
+    from qlrlora.trainer import TrainingStopped
+
     try:
         recipe = load_recipe(argv[0], argv[1:])
         run(recipe)
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        return 128 + signal.SIGTERM
     except QLRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -49,6 +55,7 @@ def run(recipe: Recipe, callbacks: list | None = None):
     from qlrlora.evaluate import format_results
     from qlrlora.export import export_run_peft
     from qlrlora.report import format_rank_table, layer_ranks
+    from qlrlora.trainer import StopOnSignal, TrainingStopped
 
     output_dir = Path(recipe.output.dir)
     _join_processes(recipe)
@@ -68,7 +75,14 @@ def run(recipe: Recipe, callbacks: list | None = None):
         # Trainer would run one more step from a checkpoint taken at the end; the run only needs its outputs.
         trainer.restore(resume)
     else:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        stop = StopOnSignal()
+        trainer.add_callback(stop)
+        with stop.on_sigterm(trainer.accelerator.num_processes):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        step, last = trainer.state.global_step, trainer.state.max_steps
+        if stop.requested and step < last:
+            raise TrainingStopped(f"stopped on SIGTERM at step {step} of {last}, after saving "
+                                  f"{output_dir / f'checkpoint-{step}'}; continue it with --output.resume=true")
     trainer.save_model(str(output_dir))
     if recipe.eval.after and evaluating:
         after = _evaluate(trainer, questions, recipe.eval.batch_size, "after training", output_dir / "eval_after.json")

@@ -5,8 +5,8 @@ What it adds to SFTTrainer, and where:
   parameters of quantized models to bf16;
 - `StopOnDivergence` callback and `train`: a run whose loss or gradient norm is no longer finite
   stops with a one-line error instead of training NaN parameters to the end;
-- `StopOnSignal` callback: once asked (from a signal handler), saves a checkpoint at the end of the
-  step and stops, so that a run stopped on purpose resumes where it stopped;
+- `StopOnSignal` callback: on SIGTERM, saves a checkpoint at the end of the step and stops, so that a
+  run stopped on purpose (a preempted job) resumes where it stopped;
 - `_RankStep` callback, before every optimizer step: the controller moves the ranks from their
   gradient (averaged over data-parallel processes, fp16 loss scale removed) and clears it. The
   ranks are not model parameters, so the optimizer, gradient clipping and DDP never touch them;
@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -185,6 +187,10 @@ class TrainingDiverged(QLRError):
         self.step = step
 
 
+class TrainingStopped(QLRError):
+    """SIGTERM stopped training at a checkpoint that `output.resume` continues."""
+
+
 class StopOnDivergence(TrainerCallback):
     """Stop at the first logging step whose loss or gradient norm is not finite; `check()` raises it.
 
@@ -241,7 +247,8 @@ class MarkCompleteCheckpoints(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """Once `request` has run (install it as a signal handler), save a checkpoint at the end of the step and stop."""
+    """Once `request` has run (`on_sigterm` installs it as the handler), save a checkpoint at the end of the
+    step and stop."""
 
     def __init__(self):
         self.requested = False
@@ -253,6 +260,19 @@ class StopOnSignal(TrainerCallback):
         if self.requested:
             control.should_save = control.should_training_stop = True
         return control
+
+    @contextlib.contextmanager
+    def on_sigterm(self, processes: int = 1):
+        """SIGTERM (a scheduler's preemption, `kill`) calls `request` while the block runs. One process only:
+        with several, each would stop at the step its own signal arrived in, and their saves would not meet."""
+        if processes > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, self.request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class _RankStep(TrainerCallback):

@@ -40,6 +40,19 @@ if point == "training":  # after step 7, between the checkpoints of steps 5 and 
         trainer.add_callback(Die())
         return trainer
     sft.build_trainer = patched
+elif point == "sigterm":  # a SIGTERM in step 7, as a scheduler preempting the job sends it
+    import qlrlora.sft as sft
+    from transformers import TrainerCallback
+    build = sft.build_trainer
+    class Term(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+    def patched(recipe):
+        trainer = build(recipe)
+        trainer.add_callback(Term())
+        return trainer
+    sft.build_trainer = patched
 elif point == "checkpoint":  # in the save of checkpoint-10: adapter written, its JSON copy and the rest not
     import qlrlora.checkpoint as ck
     write_json = ck.atomic_write_json
@@ -91,11 +104,17 @@ def reference(tmp_path_factory):
     return final_state(out)
 
 
-@pytest.mark.parametrize("point", ["training", "checkpoint", "report", "export"])
+@pytest.mark.parametrize("point", ["training", "sigterm", "checkpoint", "report", "export"])
 def test_a_run_killed_anywhere_resumes_to_the_same_adapter(tmp_path, reference, point):
     out = tmp_path / "run"
     killed = cli(f"--output.dir={out}", killer_point=point)
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    if point == "sigterm":  # the step ends, its checkpoint is saved, and the run stops with one line
+        assert killed.returncode == 143, killed.stderr[-3000:]
+        assert killed.stderr.strip().splitlines()[-1] == (f"stopped on SIGTERM at step 7 of 20, after saving "
+                                                          f"{out / 'checkpoint-7'}; continue it with --output.resume=true")
+        assert (out / "checkpoint-7" / COMPLETE_MARKER).is_file() and not (out / "lrlora_adapter.safetensors").exists()
+    else:
+        assert killed.returncode == -9, killed.stderr[-3000:]
     resumed = cli(f"--output.dir={out}", "--output.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     state = final_state(out)
