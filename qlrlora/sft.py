@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(argv[0], argv[1:])
         run(recipe)
     except TrainingStopped as e:
-        print(e, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+            print(e, file=sys.stderr)
         return 128 + signal.SIGTERM
     except QLRError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -77,7 +78,7 @@ def run(recipe: Recipe, callbacks: list | None = None):
     else:
         stop = StopOnSignal()
         trainer.add_callback(stop)
-        with stop.on_sigterm(trainer.accelerator.num_processes):
+        with stop.on_sigterm():
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         step, last = trainer.state.global_step, trainer.state.max_steps
         if stop.requested and step < last:

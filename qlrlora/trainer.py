@@ -5,8 +5,8 @@ What it adds to SFTTrainer, and where:
   parameters of quantized models to bf16;
 - `StopOnDivergence` callback and `train`: a run whose loss or gradient norm is no longer finite
   stops with a one-line error instead of training NaN parameters to the end;
-- `StopOnSignal` callback: on SIGTERM, saves a checkpoint at the end of the step and stops, so that a
-  run stopped on purpose (a preempted job) resumes where it stopped;
+- `StopOnSignal` callback: on SIGTERM, saves a checkpoint at the end of the step and stops (every
+  process at the same step), so that a run stopped on purpose (a preempted job) resumes where it stopped;
 - `_RankStep` callback, before every optimizer step: the controller moves the ranks from their
   gradient (averaged over data-parallel processes, fp16 loss scale removed) and clears it. The
   ranks are not model parameters, so the optimizer, gradient clipping and DDP never touch them;
@@ -257,15 +257,18 @@ class StopOnSignal(TrainerCallback):
         self.requested = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        requested = self.requested
+        if args.world_size > 1:  # every process stops at the step the first signal arrived in: the saves meet
+            requested = bool(reduce_mean(torch.tensor([float(requested)], device=args.device)) > 0)
+        if requested:
             control.should_save = control.should_training_stop = True
         return control
 
     @contextlib.contextmanager
-    def on_sigterm(self, processes: int = 1):
-        """SIGTERM (a scheduler's preemption, `kill`) calls `request` while the block runs. One process only:
-        with several, each would stop at the step its own signal arrived in, and their saves would not meet."""
-        if processes > 1 or threading.current_thread() is not threading.main_thread():
+    def on_sigterm(self):
+        """SIGTERM (a scheduler's preemption, `kill`, a launcher passing it on) calls `request` while the block
+        runs."""
+        if threading.current_thread() is not threading.main_thread():
             yield
             return
         previous = signal.signal(signal.SIGTERM, self.request)
