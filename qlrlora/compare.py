@@ -384,6 +384,7 @@ def run_job(directory: Path, job: Job) -> dict:
 
 TRAINED = "trained.json"  # the training figures, written once the trained adapter is saved
 SEGMENTS = "segments.json"  # the steps and training time of each run of a job stopped before it finished
+PEFT_WEIGHTS = "trained_peft.safetensors"
 
 
 class JobStopped(Exception):
@@ -418,7 +419,6 @@ def _train(trainer, job: Job, out: Path) -> list[dict]:
         atomic_write_json(path, segments)
         raise JobStopped(f"stopped at step {state.global_step} of {state.max_steps}")
     return segments
-PEFT_WEIGHTS = "trained_peft.safetensors"
 
 
 def _save_trained(trainer, job: Job, out: Path) -> None:
