@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlrlora.rundir import COMPLETE_MARKER
-from tests.test_trainer import ROOT, TINY
+from tests.test_trainer import ROOT, TINY, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,13 +40,14 @@ if point == "training":  # after step 7, between the checkpoints of steps 5 and 
         trainer.add_callback(Die())
         return trainer
     sft.build_trainer = patched
-elif point == "sigterm":  # a SIGTERM in step 7, as a scheduler preempting the job sends it
+elif point == "sigterm":  # a SIGTERM in step 7 (a scheduler preempting the job); a second process's in step 10
     import qlrlora.sft as sft
     from transformers import TrainerCallback
     build = sft.build_trainer
+    at = 6 if os.environ.get("RANK", "0") == "0" else 9
     class Term(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 6:
+            if state.global_step == at:
                 os.kill(os.getpid(), signal.SIGTERM)
     def patched(recipe):
         trainer = build(recipe)
@@ -128,3 +129,26 @@ def test_a_run_killed_anywhere_resumes_to_the_same_adapter(tmp_path, reference, 
         assert json.loads((checkpoint / COMPLETE_MARKER).read_text())["global_step"] == int(checkpoint.name.split("-")[1])
     png = (out / "ranks.png").read_bytes()
     assert png.startswith(b"\x89PNG"), "ranks.png is not a whole PNG"
+
+
+def test_two_processes_stopped_by_sigterm_in_different_steps_save_one_checkpoint_that_resumes(tmp_path):
+    out, script = tmp_path / "ddp", tmp_path / "killer.py"
+    script.write_text(KILLER)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    args = [str(TINY), f"--output.dir={out}", "--train.report_to=none", "--train.save_strategy=no"]
+    stopped = subprocess.run([*launch, str(script), "sigterm", *args], capture_output=True, text=True, cwd=ROOT,
+                             timeout=600)
+    assert stopped.returncode != 0
+    lines = [line for line in stopped.stderr.splitlines() if line.startswith("stopped on SIGTERM")]
+    expected = (f"stopped on SIGTERM at step 7 of 20, after saving {out / 'checkpoint-7'}; continue it with "
+                "--output.resume=true")
+    assert lines == [expected], stopped.stderr[-3000:]  # the first signal's step, said once
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-7"] and (out / "checkpoint-7" / COMPLETE_MARKER).is_file()
+    # Resumed in one process: transformers 5.17 loads a multi-process checkpoint's optimizer state onto
+    # args.device, which on CPUs is "cpu:1" for the second process and cannot be mapped (cuda:N on GPUs).
+    resumed = subprocess.run([sys.executable, "-m", "qlrlora.sft", *args, "--output.resume=true"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "ranks.json").read_text())["summary"]["step"] == 20
