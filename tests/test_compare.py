@@ -173,6 +173,11 @@ def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
     report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert f"| +0.090 (seed std {0.02 * 2**0.5:.3f}) |" in report.stdout, report.stdout  # 0.51 - 0.42
+    # A method of one seed beside a seeded LoRA: LoRA's std is not that method's noise, and the cell says so.
+    one = bench_dir(tmp_path / "one", [*results, result("dora", 1e-3, 0, 0.6, avg=0.45)])
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(one)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert f"| +0.030 (seed std {0.02 * 2**0.5:.3f} of lora; dora has one seed) |" in report.stdout, report.stdout
 
 
 def test_a_diverged_run_shows_in_the_sweep_and_nowhere_else(tmp_path):

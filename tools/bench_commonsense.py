@@ -117,9 +117,7 @@ def markdown(summary: dict) -> str:
             continue
         delta = ""
         if lora and name != "lora":
-            noise = [s for s in (m["std"], lora["std"]) if s is not None]
-            spread = f" (seed std {max(noise):.3f})" if noise else " (one seed each: noise not measured)"
-            delta = f"{m['avg'] - lora['avg']:+.3f}{spread}"
+            delta = f"{m['avg'] - lora['avg']:+.3f}{_noise(name, m['std'], lora['std'])}"
         std = "" if m["std"] is None else f"{m['std']:.3f}"
         lr = "" if m["lr"] is None else f"{m['lr']:g}"
         train = "" if m["train_s"] is None else f"{m['train_s']:.0f}"
@@ -145,6 +143,17 @@ def markdown(summary: dict) -> str:
             out.append(f"| {key} | {'n/a' if value is None else f'{value:.3f}' if isinstance(value, float) else value} |")
         out += ["", rank_table(summary["learned_ranks"]), ""]
     return "\n".join(out)
+
+
+def _noise(name: str, std: float | None, lora_std: float | None) -> str:
+    """The seed noise of a difference from LoRA: the larger std where both are seeded, else whose it is."""
+    if std is not None and lora_std is not None:
+        return f" (seed std {max(std, lora_std):.3f})"
+    if std is None and lora_std is None:
+        return " (one seed each: noise not measured)"
+    if std is None:
+        return f" (seed std {lora_std:.3f} of lora; {name} has one seed)"
+    return f" (seed std {std:.3f}; lora has one seed)"
 
 
 def _sweep_cell(score: float | str | None) -> str:
