@@ -49,6 +49,9 @@ SWEPT = ("lora", "dora", "adalora", "lr_lora_budget")
 CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed")
 METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_penalty", *CONTROLS)
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
+# (method, baseline) compared seed by seed: a seed fixes the data order, so each pair saw the same rows.
+PAIRS = (("lr_lora_budget", "lora"), ("lr_lora_budget_rslora", "lora_rslora"),
+         ("learned_ranks_fixed", "permuted_ranks_fixed"), ("learned_ranks_fixed", "uniform_fixed"))
 
 
 @dataclass
@@ -565,12 +568,13 @@ def summarize(directory: Path, command: str | None = None) -> dict:
     chosen.update(best)
     chosen["lora_rslora"], chosen["dora_rslora"] = best.get("lora"), best.get("dora")
     chosen["lr_lora_budget_rslora"] = best.get("lr_lora_budget")
-    methods = {}
+    methods, runs_of = {}, {}
     for method in METHODS:
         runs = [r for r in results if r["method"] == method and (method == "base" or r["lr"] == chosen.get(method))]
         if not runs:
             continue
         runs.sort(key=lambda r: r["seed"])
+        runs_of[method] = runs
         tasks = list(runs[0]["validation"]["tasks"])
         averages = [r["validation"]["average"] for r in runs]
         methods[method] = {
@@ -599,11 +603,28 @@ def summarize(directory: Path, command: str | None = None) -> dict:
         "protocol": dataclasses.asdict(protocol),
         "methods": methods,
         "sweep_heldout": sweep,
+        "paired": paired_differences(runs_of),
         "differentiation": differentiation([r["ranks"] for r in learned]) if learned else None,
         "learned_ranks": {row["module"]: [r["ranks"][i]["hard_rank"] for r in learned]
                           for i, row in enumerate(learned[0]["ranks"])} if learned else None,
     }
     return summary
+
+
+def paired_differences(runs_of: dict[str, list[dict]]) -> list[dict]:
+    """For each pair of `PAIRS` that ran, the method's accuracy minus the baseline's, seed by seed."""
+    pairs = []
+    for method, baseline in PAIRS:
+        by_seed = {r["seed"]: r for r in runs_of.get(baseline, [])}
+        runs = [(r, by_seed[r["seed"]]) for r in runs_of.get(method, []) if r["seed"] in by_seed]
+        if not runs:
+            continue
+        pair = {"method": method, "baseline": baseline, "seeds": [r["seed"] for r, _ in runs]}
+        for split in ("validation", "heldout"):
+            deltas = [r[split]["average"] - b[split]["average"] for r, b in runs]
+            pair[split] = {"per_seed": deltas, "mean": _mean(deltas), "std": _std(deltas)}
+        pairs.append(pair)
+    return pairs
 
 
 def differentiation(seed_ranks: list[list[dict]]) -> dict:

@@ -180,6 +180,30 @@ def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
     assert f"| +0.030 (seed std {0.02 * 2**0.5:.3f} of lora; dora has one seed) |" in report.stdout, report.stdout
 
 
+def test_methods_are_compared_with_their_baselines_seed_by_seed(tmp_path):
+    learned = ranks_of([2, 4, 12, 4, 6, 14])
+    results = [result("lora", 1e-3, 0, 0.40, avg=0.40), result("lora", 1e-3, 1, 0.50, avg=0.44),
+               result("lr_lora_budget", 1e-3, 0, 0.43, avg=0.41, ranks=learned),
+               result("lr_lora_budget", 1e-3, 1, 0.46, avg=0.47, ranks=learned),
+               result("lr_lora_budget", 1e-3, 2, 0.9, avg=0.9, ranks=learned),  # no LoRA run of seed 2 to pair it with
+               result("lr_lora_budget", 2e-3, 0, 0.1, avg=0.1, ranks=learned),  # not the chosen rate
+               result("learned_ranks_fixed", 1e-3, 0, 0.5, avg=0.42), result("uniform_fixed", 1e-3, 0, 0.4, avg=0.40)]
+    summary = summarize(bench_dir(tmp_path, results))
+    pairs = {(p["method"], p["baseline"]): p for p in summary["paired"]}
+    assert set(pairs) == {("lr_lora_budget", "lora"), ("learned_ranks_fixed", "uniform_fixed")}
+    ours = pairs["lr_lora_budget", "lora"]
+    assert ours["seeds"] == [0, 1]
+    assert ours["validation"]["per_seed"] == pytest.approx([0.01, 0.03])
+    assert ours["validation"]["mean"] == pytest.approx(0.02) and ours["validation"]["std"] == pytest.approx(0.02 / 2**0.5)
+    assert ours["heldout"]["per_seed"] == pytest.approx([0.03, -0.04])
+    assert pairs["learned_ranks_fixed", "uniform_fixed"]["validation"]["std"] is None
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(tmp_path / "bench")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "| lr_lora_budget | lora | 0,1 | +0.0100 +0.0300 | +0.0200 | 0.0141 | +0.0300 -0.0400 | -0.0050 | 0.0495 |" \
+        in report.stdout, report.stdout
+    assert "| learned_ranks_fixed | uniform_fixed | 0 | +0.0200 | +0.0200 |  | +0.1000 | +0.1000 |  |" in report.stdout
+
+
 def test_a_diverged_run_shows_in_the_sweep_and_nowhere_else(tmp_path):
     diverged = {"method": "lora", "lr": 1e-2, "seed": 0, "diverged_at_step": 75, "error": "training diverged"}
     results = [result("lora", 1e-3, 0, 0.6, avg=0.40), diverged]

@@ -118,7 +118,7 @@ def markdown(summary: dict) -> str:
         delta = ""
         if lora and name != "lora":
             delta = f"{m['avg'] - lora['avg']:+.3f}{_noise(name, m['std'], lora['std'])}"
-        std = "" if m["std"] is None else f"{m['std']:.3f}"
+        std = "" if m["std"] is None else f"{m['std']:.4f}"
         lr = "" if m["lr"] is None else f"{m['lr']:g}"
         train = "" if m["train_s"] is None else f"{m['train_s']:.0f}"
         speed = "" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f}"
@@ -135,6 +135,18 @@ def markdown(summary: dict) -> str:
                 "| method | " + " | ".join(rates) + " |", "| --- " * (1 + len(rates)) + "|"]
         for name, values in sweep.items():
             out.append(f"| {name} | " + " | ".join(_sweep_cell(values.get(r)) for r in rates) + " |")
+        out.append("")
+    if summary.get("paired"):
+        out += ["## Paired by seed: method minus baseline (a seed fixes the data order)", "",
+                "| method | baseline | seeds | validation per seed | mean | std | held-out per seed | mean | std |",
+                "| --- " * 9 + "|"]
+        for pair in summary["paired"]:
+            cells = [pair["method"], pair["baseline"], ",".join(map(str, pair["seeds"]))]
+            for split in ("validation", "heldout"):
+                d = pair[split]
+                cells += [" ".join(f"{round(x, 4) + 0.0:+.4f}" for x in d["per_seed"]), f"{round(d['mean'], 4) + 0.0:+.4f}",
+                          "" if d["std"] is None else f"{d['std']:.4f}"]
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
     diff = summary["differentiation"]
     if diff:
