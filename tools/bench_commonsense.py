@@ -144,7 +144,7 @@ def markdown(summary: dict) -> str:
             cells = [pair["method"], pair["baseline"], ",".join(map(str, pair["seeds"]))]
             for split in ("validation", "heldout"):
                 d = pair[split]
-                cells += [" ".join(f"{round(x, 4) + 0.0:+.4f}" for x in d["per_seed"]), f"{round(d['mean'], 4) + 0.0:+.4f}",
+                cells += [" ".join(map(_signed, d["per_seed"])), _signed(d["mean"]),
                           "" if d["std"] is None else f"{d['std']:.4f}"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
@@ -166,6 +166,11 @@ def _noise(name: str, std: float | None, lora_std: float | None) -> str:
     if std is None:
         return f" (seed std {lora_std:.3f} of lora; {name} has one seed)"
     return f" (seed std {std:.3f}; lora has one seed)"
+
+
+def _signed(x: float) -> str:
+    """A difference to four places, rounded first so that -0.00001 prints +0.0000, not -0.0000."""
+    return f"{round(x, 4) + 0.0:+.4f}"
 
 
 def _sweep_cell(score: float | str | None) -> str:
