@@ -263,6 +263,47 @@ def test_tiny_benchmark_end_to_end(tmp_path, mixture):
     assert summary["sweep_heldout"]["lora"]["1e+30"].startswith("diverged at step")
 
 
+def test_our_layer_at_a_fixed_rank_trains_as_the_stock_lora_job_does(tmp_path, mixture):
+    """The bench's uniform_fixed job (our layer and trainer, rank 8 of r_max 16) and its lora job (PEFT r=8 through
+    TRL) are the same training, given the same A: scale, optimizer, schedule, clipping, data order and loss.
+    NF4 with bf16 factors, as on the GPU; what remains is bf16 rounding."""
+    import torch
+
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import _peft_trainer
+    from qlrlora.sft import build_trainer
+
+    directory = tmp_path / "bench"
+    prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=128, heldout_rows=4,
+                                val_per_task=1, batch_size=4, max_length=64, warmup_ratio=0.1), mixture)
+    protocol = read_protocol(directory)
+    lora = _peft_trainer(recipe_for(directory, Job("lora", 0, 2e-3), protocol), Job("lora", 0, 2e-3), protocol)
+    ours = build_trainer(recipe_for(directory, Job("uniform_fixed", 0, 2e-3), protocol))
+    peft_A = {n.replace("base_model.model.", "").replace(".lora_A.default.weight", ""): p
+              for n, p in lora.model.named_parameters() if "lora_A" in n}
+    layers = ours.layers
+    assert layers.keys() == peft_A.keys() and all(layer.hard_rank() == 8 for layer in layers.values())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            assert layer.lora_A.dtype == peft_A[name].dtype == torch.bfloat16
+            layer.lora_A[:8].copy_(peft_A[name])
+    losses = {}
+    for label, trainer in (("lora", lora), ("ours", ours)):
+        trainer.train()
+        losses[label] = [(row["loss"], row["grad_norm"]) for row in trainer.state.log_history if "loss" in row]
+    (loss, grad_norm), (our_loss, our_grad_norm) = losses["lora"][-1], losses["ours"][-1]
+    assert len(losses["lora"]) == len(losses["ours"]) == 1  # step 25 of 32
+    assert loss < 5.5  # the adapters trained: the untrained tiny model starts near ln(320) = 5.77
+    assert our_loss == pytest.approx(loss, abs=1e-3) and our_grad_norm == pytest.approx(grad_norm, rel=0.03)
+    tokens = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    lora.model.eval(), ours.model.eval()
+    with torch.no_grad():  # and what the evaluation sees
+        logits, our_logits = lora.model(input_ids=tokens).logits.float(), ours.model(input_ids=tokens).logits.float()
+        with lora.model.disable_adapter():
+            moved = (logits - lora.model(input_ids=tokens).logits.float()).abs().max()
+    assert moved > 0.3 and (our_logits - logits).abs().max() < 0.02  # training moved them 0.73; bf16 rounding 0.007
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "adalora", "lr_lora_budget"])
 def test_a_trained_adapter_restores_exactly_into_a_new_trainer(tmp_path, mixture, method):
     import torch
