@@ -21,7 +21,12 @@ Configurations (`CONFIGS`):
   keeps its own fused LM head, so the logits are never materialised in any configuration);
 - `qlr_*_offload`, `qlr_*_liger_offload`: the checkpointed blocks' inputs kept in CPU memory
   (`model.offload_checkpoints`), without or with Liger's kernels.
-Every configuration uses gradient checkpointing (non-reentrant), AdamW and a constant learning rate.
+- `unsloth`: Unsloth's `FastLanguageModel` in 4 bits with its LoRA (r 16, alpha 32, dropout 0, the seven
+  projections) and its own gradient checkpointing, trained by TRL's SFTTrainer; its process imports
+  unsloth first. Unsloth needs a GPU, and its releases pin TRL and datasets below what the other
+  configurations use, so it may need a site of its own first on PYTHONPATH.
+Every configuration uses gradient checkpointing (non-reentrant; Unsloth its own), AdamW and a constant
+learning rate.
 
 Measured per run: tokens per second (TRL's count of trained tokens over the timed steps), the
 median step time after the first 3 steps (and per rank phase for learned ranks: at r_max during the
@@ -94,7 +99,12 @@ _BASE_CONFIGS = {
 }
 CONFIGS = {**_BASE_CONFIGS, **{f"{name}_liger": spec for name, spec in _BASE_CONFIGS.items()},
            **{f"{name}{kernels}_offload": spec for name, spec in _BASE_CONFIGS.items() if spec[0] == "qlr"
-              for kernels in ("", "_liger")}}
+              for kernels in ("", "_liger")},
+           # Unsloth brings its own kernels; its documentation's settings (dropout 0 is its fast path).
+           "unsloth": ("unsloth", {"r": 16, "alpha": 32.0, "dropout": 0.0})}
+# Unsloth patches transformers and TRL when it is imported, so its process imports it before anything else.
+UNSLOTH_FIRST = "import sys, unsloth; from qlrlora.throughput import main; sys.exit(main(sys.argv[1:]))"
+UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_CONFIGS = ("stock_peft", "qlr_fixed", "qlr_learned", "qlr_learned_liger", "stock_peft_liger")
 COMPLETION_CHARS = 64
 
@@ -231,6 +241,24 @@ def _peft_trainer(settings: dict, model, tokenizer, rows: Path, out: Path, train
                       processing_class=tokenizer, peft_config=config)
 
 
+def _unsloth_trainer(settings: dict, model_path: str, rows: Path, out: Path, seq: int, train: dict):
+    """Unsloth as its documentation writes it: FastLanguageModel in 4 bits (NF4, double quant), its LoRA on every
+    projection with its own gradient checkpointing, trained by TRL's SFTTrainer."""
+    import torch
+
+    try:
+        from unsloth import FastLanguageModel
+    except (ImportError, NotImplementedError) as e:  # Unsloth raises NotImplementedError on a machine without a GPU
+        raise QLRError(f"configuration 'unsloth': cannot import unsloth ({str(e).splitlines()[0]})") from None
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=model_path, max_seq_length=seq,
+                                                         dtype=torch.bfloat16, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=settings["r"], lora_alpha=settings["alpha"],
+                                             lora_dropout=settings["dropout"], target_modules=UNSLOTH_TARGETS,
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    train = {k: v for k, v in train.items() if not k.startswith("gradient_checkpointing")}  # Unsloth's own
+    return _peft_trainer(None, model, tokenizer, rows, out, train)
+
+
 def build(name: str, model_path: str, rows: Path, out: Path, micro_batch: int, seq: int, steps: int,
           optim: str = "adamw_torch", previous=None):
     """The trainer of one configuration, its model loaded (NF4) and adapted, ready to train. `previous`: an
@@ -260,6 +288,8 @@ def build(name: str, model_path: str, rows: Path, out: Path, micro_batch: int, s
     train = _train_settings(micro_batch, seq, steps, liger, optim, use_cpu)
     if previous is not None:  # already a PeftModel: train its adapters again
         return _peft_trainer(None, previous.model, previous.processing_class, rows, out, train)
+    if stack == "unsloth":
+        return _unsloth_trainer(settings, model_path, rows, out, seq, train)
     model, tokenizer = load_backbone(ModelConfig(name_or_path=model_path, attn_implementation="sdpa"),
                                      device_map="cpu" if use_cpu else None)
     return _peft_trainer(settings, model, tokenizer, rows, out, train)
@@ -409,9 +439,10 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
         target = out / ("runs" if kind == "one" else "max_seq") / f"{key}.json"
         log = target.with_suffix(".log")
         target.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "qlrlora.throughput", kind, name, "--json", str(target), "--model-path",
-                model_path, "--model", model, "--micro-batch", str(mb), "--seq", str(seq), "--steps", str(steps),
-                "--work", str(out / "work")]
+        python = [sys.executable, "-c", UNSLOTH_FIRST] if CONFIGS[name][0] == "unsloth" else \
+            [sys.executable, "-m", "qlrlora.throughput"]
+        argv = [*python, kind, name, "--json", str(target), "--model-path", model_path, "--model", model,
+                "--micro-batch", str(mb), "--seq", str(seq), "--steps", str(steps), "--work", str(out / "work")]
         if kind == "max_seq":
             argv += ["--memory-gib", str(memory_gib)]
         began = time.perf_counter()

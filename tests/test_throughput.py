@@ -83,3 +83,14 @@ def test_report_and_summary_print_ratios_from_the_files(tmp_path):
     table = throughput.format_searches([first["max_seq"]["qlr_learned"], searched])
     assert "| qlr_learned | 24.0 | 2048: 10.5, 4096: 20.25, 8192: out of memory | 4096 |" in table
     assert "| stock_peft | 24.0 | 4096: out of memory | none of those tried |" in table
+
+
+def test_a_configuration_that_cannot_run_here_is_one_line_in_the_report(tmp_path):
+    """Unsloth runs in its own process, which imports it first; where it cannot be imported (no GPU, not
+    installed) the run records why in one line and the report says so, instead of the whole run failing."""
+    report = throughput.run_all(tmp_path, "tiny", ["unsloth"], [2], 96, 2, [], 24.0, 120, "test")
+    error = report["runs"]["unsloth@2"]["error"]
+    assert error == "ModuleNotFoundError: No module named 'unsloth'"  # its first import, before any other
+    assert f"| unsloth | 2 | failed: {error} |" in throughput.format_report(report)
+    with pytest.raises(throughput.QLRError, match="configuration 'unsloth': cannot import unsloth"):
+        throughput.build("unsloth", "unused", tmp_path / "rows.jsonl", tmp_path / "out", 2, 96, 2)

@@ -5,6 +5,7 @@
 #   bash docs/benchmarks/throughput/run.sh seq24  # the longest sequence at micro-batch 1 within 24 GiB
 #   RUNS=/root/qlr-runs2 bash docs/benchmarks/throughput/run.sh offload  # offloaded checkpoints, beside stock
 #   RUNS=/root/qlr-runs3 bash docs/benchmarks/throughput/run.sh seq24fine  # the 24 GiB limits in finer steps
+#   bash docs/benchmarks/throughput/run.sh unsloth  # Unsloth beside the stock stack (its site: UNSLOTH_SITE)
 # Stages add to the same OUT/throughput/throughput.json (kept on the warm machine under $RUNS); each call
 # returns it and the logs as one archive.
 set -uo pipefail
@@ -36,6 +37,14 @@ offload)  # a separate RUNS: stock_peft measured again beside the offloaded runs
   bench --micro-batches 8 --steps 12 --configs stock_peft qlr_learned_offload qlr_learned_liger_offload --max-seq
   bench --micro-batches 2 --steps 16 --configs stock_peft qlr_learned_liger_offload \
     --max-seq qlr_learned_liger_offload qlr_learned_liger ;;
+unsloth)  # Unsloth's site goes first on PYTHONPATH for its own runs only; the stock stack keeps the image's
+  site=${UNSLOTH_SITE:-/root/qlr-stage/unsloth}
+  for spec in 8:12 2:16; do
+    IFS=: read -r mb steps <<< "$spec"
+    bench --micro-batches "$mb" --steps "$steps" --configs stock_peft --max-seq
+    (export PYTHONPATH=$site:${PYTHONPATH:-}; bench --micro-batches "$mb" --steps "$steps" --configs unsloth --max-seq)
+  done
+  (export PYTHONPATH=$site:${PYTHONPATH:-}; bench --micro-batches --configs --max-seq unsloth) ;;
 esac
 [ -f "$runs/throughput.json" ] && python -m qlrlora.throughput report "$runs/throughput.json" > "$runs/report.md"
 tar czf "$out/throughput-$stage.tgz" --exclude=work -C "$(dirname "$runs")" throughput
