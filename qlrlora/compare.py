@@ -333,15 +333,12 @@ def run_job(directory: Path, job: Job) -> dict:
     averages that allocate them, so a resumed run would not be the same run; SIGTERM ends it.
     Training ends by saving the adapter and the training figures (TRAINED), so a job stopped while it
     evaluates is only evaluated when it runs again."""
-    from qlrlora.evaluate import evaluate_mc, load_mc_tasks
     from qlrlora.sft import build_trainer
     from qlrlora.trainer import StopOnDivergence, TrainingDiverged
 
     protocol = read_protocol(directory)
     recipe = recipe_for(directory, job, protocol)
     out = directory / "jobs" / job.name
-    questions = load_mc_tasks(str(directory / "data" / "val"))
-    heldout = {"heldout": [q for qs in load_mc_tasks(str(directory / "data" / "heldout.jsonl")).values() for q in qs]}
     start = time.perf_counter()
     result = {"method": job.method, "seed": job.seed, "lr": job.lr}
     if job.method == "base":
@@ -376,8 +373,7 @@ def run_job(directory: Path, job: Job) -> dict:
                 result["segments"] = segments
             result.update(adapter_params=_adapter_params(trainer, job), peak_gib=_peak_gib())
             atomic_write_json(out / TRAINED, result)
-    result["validation"] = evaluate_mc(model, tokenizer, questions, protocol.eval_batch_size, progress=False)
-    result["heldout"] = evaluate_mc(model, tokenizer, heldout, protocol.eval_batch_size, progress=False)
+    result.update(_evaluate(directory, protocol, model, tokenizer))
     if job.method not in ("base", *PEFT_METHODS):
         result["ranks"] = json.loads((out / "ranks.json").read_text())["layers"]
     result["wall_s"] = round(time.perf_counter() - start, 1)
@@ -385,7 +381,46 @@ def run_job(directory: Path, job: Job) -> dict:
     return result
 
 
+def _evaluate(directory: Path, protocol: Protocol, model, tokenizer) -> dict:
+    """Accuracy on the validation sets and on the held-out slice of the training mixture."""
+    from qlrlora.evaluate import evaluate_mc, load_mc_tasks
+
+    questions = load_mc_tasks(str(directory / "data" / "val"))
+    heldout = {"heldout": [q for qs in load_mc_tasks(str(directory / "data" / "heldout.jsonl")).values() for q in qs]}
+    return {"validation": evaluate_mc(model, tokenizer, questions, protocol.eval_batch_size, progress=False),
+            "heldout": evaluate_mc(model, tokenizer, heldout, protocol.eval_batch_size, progress=False)}
+
+
+def crosscheck(directory: Path, job: Job) -> dict:
+    """A trained job of our layer scored by PEFT's code: its adapter exported to PEFT's format (the factors as
+    trained, in bf16), loaded by PEFT onto the same backbone and evaluated on the same questions in the same
+    batches. Written to the job's PEFT_CROSSCHECK beside its result.json: where the two differ, the job's
+    scores depend on how our layer computes, not only on what it trained."""
+    import torch
+
+    from qlrlora.evaluate import load_peft_adapter
+    from qlrlora.export import adapters_from_run, write_peft
+    from qlrlora.io import atomic_directory
+    from qlrlora.model import load_backbone
+
+    if job.method in ("base", *PEFT_METHODS):
+        raise QLRError(f"crosscheck: {job.name} is not a job of our layer (expected one of "
+                       f"{', '.join(m for m in METHODS if m not in ('base', *PEFT_METHODS))})")
+    protocol = read_protocol(directory)
+    out = directory / "jobs" / job.name
+    if not (out / TRAINED).is_file():
+        raise QLRError(f"crosscheck: {out} holds no trained adapter (no {TRAINED}); run the job first")
+    adapters, _ = adapters_from_run(out)
+    atomic_directory(out / "peft_adapter", lambda tmp: write_peft(adapters, tmp, protocol.model, torch.bfloat16))
+    model, tokenizer = load_backbone(recipe_for(directory, job, protocol).model)
+    model = load_peft_adapter(model, out / "peft_adapter")
+    result = {"job": job.name, **_evaluate(directory, protocol, model, tokenizer)}
+    atomic_write_json(out / PEFT_CROSSCHECK, result)
+    return result
+
+
 TRAINED = "trained.json"  # the training figures, written once the trained adapter is saved
+PEFT_CROSSCHECK = "peft_crosscheck.json"  # what PEFT's code scores the job's exported adapter (crosscheck)
 SEGMENTS = "segments.json"  # the steps and training time of each run of a job stopped before it finished
 PEFT_WEIGHTS = "trained_peft.safetensors"
 

@@ -304,6 +304,41 @@ def test_our_layer_at_a_fixed_rank_trains_as_the_stock_lora_job_does(tmp_path, m
     assert moved > 0.3 and (our_logits - logits).abs().max() < 0.02  # training moved them 0.73; bf16 rounding 0.007
 
 
+def test_crosscheck_scores_a_trained_job_of_our_layer_through_peft(tmp_path, mixture):
+    """crosscheck exports a job's adapter and scores it through PEFT's loader; on the CPU both score alike."""
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import PEFT_CROSSCHECK, _restore_trained, crosscheck, run_job
+    from qlrlora.evaluate import load_mc_tasks, load_peft_adapter, score_questions
+    from qlrlora.model import load_backbone
+    from qlrlora.sft import build_trainer
+
+    directory = tmp_path / "bench"
+    prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=64, heldout_rows=8, val_per_task=2,
+                                batch_size=8, max_length=64, r_max=4, rank=2, eval_batch_size=8), mixture)
+    protocol, job = read_protocol(directory), Job("lr_lora_budget", 0, 2e-3)  # learned: a rank per module
+    expected = run_job(directory, job)
+    with pytest.raises(QLRError, match="holds no trained adapter"):
+        crosscheck(directory, Job("uniform_fixed", 0, 2e-3))
+    with pytest.raises(QLRError, match="not a job of our layer"):
+        crosscheck(directory, Job("lora", 0, 2e-3))
+    result = crosscheck(directory, job)
+    out = directory / "jobs" / job.name
+    assert json.loads((out / PEFT_CROSSCHECK).read_text()) == result
+    assert result["validation"] == expected["validation"] and result["heldout"] == expected["heldout"]
+    # What the crosscheck rests on: the export is the trained adapter, scored alike by both codes.
+    recipe = recipe_for(directory, job, protocol)
+    ours = build_trainer(recipe)
+    _restore_trained(ours, job, out)
+    base, tokenizer = load_backbone(recipe.model)
+    questions = [q for qs in load_mc_tasks(str(directory / "data" / "val")).values() for q in qs]
+    untrained = score_questions(base, tokenizer, questions, 8, progress=False)
+    theirs = score_questions(load_peft_adapter(base, out / "peft_adapter"), tokenizer, questions, 8, progress=False)
+    mine = score_questions(ours.model, tokenizer, questions, 8, progress=False)
+    gap = max(abs(a - b) for qa, qb in zip(mine, theirs) for a, b in zip(qa, qb))
+    moved = max(abs(a - b) for qa, qb in zip(mine, untrained) for a, b in zip(qa, qb))
+    assert moved > 0.5 and gap < 0.02  # training moved a choice's log-likelihood by 1.2; the two codes differ by 0.004
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "adalora", "lr_lora_budget"])
 def test_a_trained_adapter_restores_exactly_into_a_new_trainer(tmp_path, mixture, method):
     import torch

@@ -4,10 +4,12 @@
     python tools/bench_commonsense.py run DIR --stage sweep|final [--parallel K] [--deadline S] [--start-by S]
     python tools/bench_commonsense.py run DIR --jobs METHOD:SEED:LR ... [--parallel K] [--deadline S]
     python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH] [--plot PATH]
+    python tools/bench_commonsense.py crosscheck DIR METHOD:SEED:LR ...
 
 `prepare` writes the data and the protocol into DIR; `run` trains and evaluates the jobs of a stage
 (one process each, K at a time) into DIR/jobs/<job>/result.json; `report` computes commonsense.json
-from those files and prints (or writes) the Markdown tables.
+from those files and prints (or writes) the Markdown tables; `crosscheck` scores trained jobs of our layer
+through PEFT's loader (qlrlora/compare.py's `crosscheck`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from qlrlora.compare import (
     METHODS,
     Job,
     Protocol,
+    crosscheck,
     prepare,
     read_protocol,
     run_stage,
@@ -53,6 +56,9 @@ def main(argv: list[str]) -> int:
     r.add_argument("--parallel", type=int, default=4)
     r.add_argument("--deadline", type=float, default=float("inf"), help="kill jobs still running after S seconds")
     r.add_argument("--start-by", type=float, default=float("inf"), help="start no job after S seconds")
+    c = sub.add_parser("crosscheck", help="score trained jobs of our layer through PEFT's loader")
+    c.add_argument("dir", type=Path)
+    c.add_argument("jobs", nargs="+", metavar="METHOD:SEED:LR")
     s = sub.add_parser("report")
     s.add_argument("dir", type=Path)
     s.add_argument("--json", type=Path)
@@ -70,6 +76,11 @@ def main(argv: list[str]) -> int:
             status = run_stage(args.dir, jobs, args.parallel, args.deadline, args.start_by)
             print(json.dumps(status, indent=2))
             return 0 if all(v == "done" for v in status.values()) else 1
+        elif args.command == "crosscheck":
+            for job in _parsed_jobs(args.jobs):
+                result = crosscheck(args.dir, job)
+                print(json.dumps({"job": job.name, "validation": result["validation"]["average"],
+                                  "heldout": result["heldout"]["average"]}), flush=True)
         else:
             summary = summarize(args.dir, command=args.command or " ".join(["python", "tools/bench_commonsense.py", *argv]))
             if args.json:
@@ -88,8 +99,16 @@ def main(argv: list[str]) -> int:
 
 
 def explicit_jobs(args) -> list[Job]:
+    jobs = _parsed_jobs(args.jobs)
+    permuted = [j for j in jobs if j.method == "permuted_ranks_fixed"]
+    if permuted:
+        write_permuted_ranks(args.dir, Job("lr_lora_budget", 0, permuted[0].lr), read_protocol(args.dir).data_seed)
+    return jobs
+
+
+def _parsed_jobs(specs: list[str]) -> list[Job]:
     jobs = []
-    for spec in args.jobs:
+    for spec in specs:
         try:
             method, seed, lr = spec.split(":")
             job = Job(method, int(seed), float(lr) if method != "base" else None)
@@ -98,9 +117,6 @@ def explicit_jobs(args) -> list[Job]:
         if method not in METHODS:
             raise QLRError(f"--jobs: {spec!r}: unknown method; expected one of {', '.join(METHODS)}")
         jobs.append(job)
-    permuted = [j for j in jobs if j.method == "permuted_ranks_fixed"]
-    if permuted:
-        write_permuted_ranks(args.dir, Job("lr_lora_budget", 0, permuted[0].lr), read_protocol(args.dir).data_seed)
     return jobs
 
 
