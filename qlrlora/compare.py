@@ -393,9 +393,10 @@ def _evaluate(directory: Path, protocol: Protocol, model, tokenizer) -> dict:
 
 def crosscheck(directory: Path, job: Job) -> dict:
     """A trained job of our layer scored by PEFT's code: its adapter exported to PEFT's format (the factors as
-    trained, in bf16), loaded by PEFT onto the same backbone and evaluated on the same questions in the same
-    batches. Written to the job's PEFT_CROSSCHECK beside its result.json: where the two differ, the job's
-    scores depend on how our layer computes, not only on what it trained."""
+    trained, in bf16), loaded by PEFT onto the same backbone (PEFT upcasts the factors to fp32 as it loads them,
+    as in a user's PEFT load) and evaluated on the same questions in the same batches. Written to the job's
+    PEFT_CROSSCHECK beside its result.json: where the two differ, the job's scores depend on how the adapter is
+    computed, not only on what it trained."""
     import torch
 
     from qlrlora.evaluate import load_peft_adapter
