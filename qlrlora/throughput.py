@@ -254,7 +254,6 @@ def _unsloth_trainer(settings: dict, model_path: str, rows: Path, out: Path, seq
     model = FastLanguageModel.get_peft_model(model, r=settings["r"], lora_alpha=settings["alpha"],
                                              lora_dropout=settings["dropout"], target_modules=UNSLOTH_TARGETS,
                                              use_gradient_checkpointing="unsloth", random_state=0)
-    train = {k: v for k, v in train.items() if not k.startswith("gradient_checkpointing")}  # Unsloth's own
     return _peft_trainer(None, model, tokenizer, rows, out, train)
 
 
@@ -285,6 +284,8 @@ def build(name: str, model_path: str, rows: Path, out: Path, micro_batch: int, s
 
     set_seed(0)
     train = _train_settings(micro_batch, seq, steps, liger, optim, use_cpu)
+    if stack == "unsloth":  # Unsloth checkpoints with its own (use_gradient_checkpointing="unsloth")
+        train = {k: v for k, v in train.items() if not k.startswith("gradient_checkpointing")}
     if previous is not None:  # already a PeftModel: train its adapters again
         return _peft_trainer(None, previous.model, previous.processing_class, rows, out, train)
     if stack == "unsloth":
