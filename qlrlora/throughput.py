@@ -284,8 +284,9 @@ def build(name: str, model_path: str, rows: Path, out: Path, micro_batch: int, s
 
     set_seed(0)
     train = _train_settings(micro_batch, seq, steps, liger, optim, use_cpu)
-    if stack == "unsloth":  # Unsloth checkpoints with its own (use_gradient_checkpointing="unsloth")
-        train = {k: v for k, v in train.items() if not k.startswith("gradient_checkpointing")}
+    if stack == "unsloth":  # Unsloth checkpoints with its own; left unset, TRL's SFTConfig turns on its own too
+        train = {**{k: v for k, v in train.items() if k != "gradient_checkpointing_kwargs"},
+                 "gradient_checkpointing": False}
     if previous is not None:  # already a PeftModel: train its adapters again
         return _peft_trainer(None, previous.model, previous.processing_class, rows, out, train)
     if stack == "unsloth":

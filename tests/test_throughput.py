@@ -94,3 +94,20 @@ def test_a_configuration_that_cannot_run_here_is_one_line_in_the_report(tmp_path
     assert f"| unsloth | 2 | failed: {error} |" in throughput.format_report(report)
     with pytest.raises(throughput.QLRError, match="configuration 'unsloth': cannot import unsloth"):
         throughput.build("unsloth", "unused", tmp_path / "rows.jsonl", tmp_path / "out", 2, 96, 2)
+
+
+def test_unsloth_trains_with_its_own_checkpointing_only(tmp_path, monkeypatch):
+    """TRL's SFTConfig checkpoints by default; Unsloth's runs turn that off, in a fresh and in a reused model."""
+    from trl import SFTConfig
+
+    seen = []
+    monkeypatch.setattr(throughput, "_unsloth_trainer", lambda *args: seen.append(args[-1]))
+    monkeypatch.setattr(throughput, "_peft_trainer", lambda *args: seen.append(args[-1]))
+    previous = type("Loaded", (), {"model": None, "processing_class": None})()
+    for reused in (None, previous):
+        throughput.build("unsloth", "unused", tmp_path / "rows.jsonl", tmp_path / "out", 2, 96, 2, previous=reused)
+    assert len(seen) == 2
+    for train in seen:
+        assert not SFTConfig(output_dir=str(tmp_path), **train).gradient_checkpointing
+    unset = {k: v for k, v in seen[0].items() if k != "gradient_checkpointing"}
+    assert SFTConfig(output_dir=str(tmp_path), **unset).gradient_checkpointing  # what leaving it out would give
