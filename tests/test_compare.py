@@ -187,10 +187,12 @@ def test_methods_are_compared_with_their_baselines_seed_by_seed(tmp_path):
                result("lr_lora_budget", 1e-3, 1, 0.46, avg=0.47, ranks=learned),
                result("lr_lora_budget", 1e-3, 2, 0.9, avg=0.9, ranks=learned),  # no LoRA run of seed 2 to pair it with
                result("lr_lora_budget", 2e-3, 0, 0.1, avg=0.1, ranks=learned),  # not the chosen rate
+               result("dora", 1e-3, 0, 0.42, avg=0.45), result("dora", 1e-3, 1, 0.42, avg=0.42),
                result("learned_ranks_fixed", 1e-3, 0, 0.5, avg=0.42), result("uniform_fixed", 1e-3, 0, 0.4, avg=0.40)]
     summary = summarize(bench_dir(tmp_path, results))
     pairs = {(p["method"], p["baseline"]): p for p in summary["paired"]}
-    assert set(pairs) == {("lr_lora_budget", "lora"), ("learned_ranks_fixed", "uniform_fixed")}
+    assert set(pairs) == {("lr_lora_budget", "lora"), ("lr_lora_budget", "dora"), ("learned_ranks_fixed", "uniform_fixed")}
+    assert pairs["lr_lora_budget", "dora"]["validation"]["per_seed"] == pytest.approx([-0.04, 0.05])
     ours = pairs["lr_lora_budget", "lora"]
     assert ours["seeds"] == [0, 1]
     assert ours["validation"]["per_seed"] == pytest.approx([0.01, 0.03])
