@@ -3,13 +3,35 @@
 #   bash docs/benchmarks/commonsense/run.sh sweep|final DEADLINE_SECONDS
 #   bash docs/benchmarks/commonsense/run.sh jobs DEADLINE_SECONDS METHOD:SEED:LR ...
 #   bash docs/benchmarks/commonsense/run.sh crosscheck - METHOD:SEED:LR ...  # trained jobs scored through PEFT
+#   bash docs/benchmarks/commonsense/run.sh start DEADLINE_SECONDS METHOD:SEED:LR ...  # `jobs`, outliving the call
+#   bash docs/benchmarks/commonsense/run.sh wait SECONDS  # in the next calls: wait for `start`'s jobs, return what is done
 # BENCH is the directory `tools/bench_commonsense.py prepare` wrote (staged to the GPU machine); the results,
 # the per-job logs and the ranks come back as $OUT/results.tgz, and a later call unpacks them again first.
 # At the deadline a training job saves a checkpoint and stops; the same command in a later call on the
 # same machine (the checkpoints stay in $BENCH, outside the repo, while it is warm) resumes it.
+# `start` runs `jobs` from a copy of the repo in a process session of its own, which runs on after the call
+# returns while the machine stays warm (30 s after a call): a job longer than one call (AdaLoRA's cannot
+# resume) then needs no resume, as long as a `wait` call follows each call at once.
 set -uo pipefail
 stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
+DETACHED=${DETACHED:-/root/qlr-detached}
+if [ "$stage" = start ]; then
+  rm -rf "$DETACHED" && mkdir -p "$DETACHED/out" && cp -r . "$DETACHED/repo"
+  (cd "$DETACHED/repo" && OUT="$DETACHED/out" BENCH="$BENCH" PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$DETACHED/repo" \
+    setsid nohup bash -c 'bash docs/benchmarks/commonsense/run.sh jobs "$@"; echo $? > "$OUT/finished"' _ "$deadline" "$@" \
+    > "$DETACHED/out/console.log" 2>&1 < /dev/null &)
+  echo "started: $DETACHED/out/console.log"; exit 0
+fi
+if [ "$stage" = wait ]; then
+  end=$((SECONDS + deadline))
+  while [ ! -f "$DETACHED/out/finished" ] && [ $SECONDS -lt $end ]; do sleep 5; done
+  cp "$DETACHED"/out/*.log "$DETACHED"/out/results.tgz "$OUT"/ 2>/dev/null
+  for f in "$BENCH"/jobs/*/log.txt; do echo "== $f"; tail -c 250 "$f" | tr '\r' '\n' | tail -2; done
+  tail -n 12 "$DETACHED/out/console.log"
+  if [ -f "$DETACHED/out/finished" ]; then echo "finished, exit $(cat "$DETACHED/out/finished")"; else echo "still running"; fi
+  exit 0
+fi
 export QLRLORA_CACHE=${QLRLORA_CACHE:-/root/qlr-cache} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [ -f results.tgz ] && [ ! -d "$BENCH/jobs" ]; then tar xzf results.tgz -C "$BENCH"; fi
 if [ -f "$BENCH/data/train.jsonl.gz" ]; then gunzip -f "$BENCH/data/train.jsonl.gz"; fi  # staged compressed
