@@ -18,9 +18,10 @@ BENCH=${BENCH:-/root/qlr-stage/bench}
 DETACHED=${DETACHED:-/root/qlr-detached}
 if [ "$stage" = start ]; then
   rm -rf "$DETACHED" && mkdir -p "$DETACHED/out" && cp -r . "$DETACHED/repo"
-  (cd "$DETACHED/repo" && OUT="$DETACHED/out" BENCH="$BENCH" PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$DETACHED/repo" \
-    setsid nohup bash -c 'bash docs/benchmarks/commonsense/run.sh jobs "$@"; echo $? > "$OUT/finished"' _ "$deadline" "$@" \
-    > "$DETACHED/out/console.log" 2>&1 < /dev/null &)
+  (cd "$DETACHED/repo" || exit 1
+   OUT="$DETACHED/out" BENCH="$BENCH" PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$DETACHED/repo" \
+     setsid nohup bash -c 'bash docs/benchmarks/commonsense/run.sh jobs "$@"; echo $? > "$OUT/finished"' _ "$deadline" "$@" \
+     > "$DETACHED/out/console.log" 2>&1 < /dev/null &)
   echo "started: $DETACHED/out/console.log"; exit 0
 fi
 if [ "$stage" = wait ]; then
