@@ -460,7 +460,8 @@ def test_run_sh_start_returns_at_once_and_wait_brings_back_what_its_jobs_did(tmp
     prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=16, heldout_rows=4,
                                 val_per_task=2, eval_batch_size=8), mixture)
     first, later = tmp_path / "out1", tmp_path / "out2"
-    first.mkdir(), later.mkdir()
+    first.mkdir()
+    later.mkdir()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "BENCH": str(directory),
            "DETACHED": str(tmp_path / "detached"), "QLRLORA_CACHE": str(tmp_path / "cache")}
     script = "docs/benchmarks/commonsense/run.sh"

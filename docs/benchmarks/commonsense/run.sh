@@ -9,7 +9,7 @@
 # the per-job logs and the ranks come back as $OUT/results.tgz, and a later call unpacks them again first.
 # At the deadline a training job saves a checkpoint and stops; the same command in a later call on the
 # same machine (the checkpoints stay in $BENCH, outside the repo, while it is warm) resumes it.
-# `start` runs `jobs` from a copy of the repo in a process session of its own, which runs on after the call
+# `start` runs `jobs` from a copy of the code (not of the venvs or staged data beside it) in a process session of its own, which runs on after the call
 # returns while the machine stays warm (30 s after a call): a job longer than one call (AdaLoRA's cannot
 # resume) then needs no resume, as long as a `wait` call follows each call at once.
 set -uo pipefail
@@ -17,7 +17,8 @@ stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
 DETACHED=${DETACHED:-/root/qlr-detached}
 if [ "$stage" = start ]; then
-  rm -rf "$DETACHED" && mkdir -p "$DETACHED/out" && cp -r . "$DETACHED/repo"
+  rm -rf "$DETACHED" && mkdir -p "$DETACHED/out" "$DETACHED/repo/docs/benchmarks/commonsense"
+  cp -r qlrlora tools recipes "$DETACHED/repo/" && cp docs/benchmarks/commonsense/run.sh "$DETACHED/repo/docs/benchmarks/commonsense/"
   (cd "$DETACHED/repo" || exit 1
    OUT="$DETACHED/out" BENCH="$BENCH" PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$DETACHED/repo" \
      setsid nohup bash -c 'bash docs/benchmarks/commonsense/run.sh jobs "$@"; echo $? > "$OUT/finished"' _ "$deadline" "$@" \
