@@ -450,8 +450,11 @@ def test_at_the_deadline_a_stage_stops_its_jobs_and_kills_what_does_not_stop(tmp
 
 def test_run_sh_start_returns_at_once_and_wait_brings_back_what_its_jobs_did(tmp_path, mixture):
     """`run.sh start` leaves its jobs running in a session of their own; `wait` waits for them and returns
-    their consoles and results, as a later device call does."""
+    their consoles and results, as a later device call does. An earlier machine's results.tgz, carried in
+    the repo root, goes on with them."""
+    import io
     import os
+    import shutil
     import tarfile
 
     from qlrlora.assets import build_from_config
@@ -459,19 +462,29 @@ def test_run_sh_start_returns_at_once_and_wait_brings_back_what_its_jobs_did(tmp
     directory = tmp_path / "bench"
     prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=16, heldout_rows=4,
                                 val_per_task=2, eval_batch_size=8), mixture)
+    repo = tmp_path / "repo"
+    for part in ("qlrlora", "tools", "recipes"):
+        shutil.copytree(ROOT / part, repo / part)
+    script = "docs/benchmarks/commonsense/run.sh"
+    (repo / script).parent.mkdir(parents=True)
+    shutil.copy(ROOT / script, repo / script)
+    earlier = b'{"method": "lora"}'
+    with tarfile.open(repo / "results.tgz", "w:gz") as packed:
+        member = tarfile.TarInfo("jobs/lora-lr0.001-s0/result.json")
+        member.size = len(earlier)
+        packed.addfile(member, io.BytesIO(earlier))
     first, later = tmp_path / "out1", tmp_path / "out2"
     first.mkdir()
     later.mkdir()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "BENCH": str(directory),
            "DETACHED": str(tmp_path / "detached"), "QLRLORA_CACHE": str(tmp_path / "cache")}
-    script = "docs/benchmarks/commonsense/run.sh"
     start = subprocess.run(["bash", script, "start", "300", "base:0:0"], env={**env, "OUT": str(first)},
-                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+                           capture_output=True, text=True, cwd=repo, timeout=60)
     assert start.returncode == 0 and "started" in start.stdout, start.stderr
     assert not (directory / "jobs" / "base" / "result.json").exists()  # the job is still running
     wait = subprocess.run(["bash", script, "wait", "240"], env={**env, "OUT": str(later)},
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=repo, timeout=300)
     assert "finished" in wait.stdout, wait.stdout + wait.stderr
     assert '"base": "done"' in (later / "jobs.log").read_text()
     with tarfile.open(later / "results.tgz") as packed:
-        assert "jobs/base/result.json" in packed.getnames()
+        assert {"jobs/base/result.json", "jobs/lora-lr0.001-s0/result.json"} <= set(packed.getnames())

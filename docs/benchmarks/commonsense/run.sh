@@ -6,7 +6,8 @@
 #   bash docs/benchmarks/commonsense/run.sh start DEADLINE_SECONDS METHOD:SEED:LR ...  # `jobs`, outliving the call
 #   bash docs/benchmarks/commonsense/run.sh wait SECONDS  # in the next calls: wait for `start`'s jobs, return what is done
 # BENCH is the directory `tools/bench_commonsense.py prepare` wrote (staged to the GPU machine); the results,
-# the per-job logs and the ranks come back as $OUT/results.tgz, and a later call unpacks them again first.
+# the per-job logs and the ranks come back as $OUT/results.tgz; a results.tgz in the repo root is unpacked
+# into a $BENCH that has no jobs yet (by every stage, `start` included), so a new machine goes on from them.
 # At the deadline a training job saves a checkpoint and stops; the same command in a later call on the
 # same machine (the checkpoints stay in $BENCH, outside the repo, while it is warm) resumes it.
 # `start` runs `jobs` from a copy of the code (not of the venvs or staged data beside it) in a process session of its own, which runs on after the call
@@ -16,6 +17,7 @@ set -uo pipefail
 stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
 DETACHED=${DETACHED:-/root/qlr-detached}
+if [ -f results.tgz ] && [ ! -d "$BENCH/jobs" ]; then tar xzf results.tgz -C "$BENCH"; fi
 if [ "$stage" = start ]; then
   rm -rf "$DETACHED" && mkdir -p "$DETACHED/out" "$DETACHED/repo/docs/benchmarks/commonsense"
   cp -r qlrlora tools recipes "$DETACHED/repo/" && cp docs/benchmarks/commonsense/run.sh "$DETACHED/repo/docs/benchmarks/commonsense/"
@@ -35,7 +37,6 @@ if [ "$stage" = wait ]; then
   exit 0
 fi
 export QLRLORA_CACHE=${QLRLORA_CACHE:-/root/qlr-cache} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-if [ -f results.tgz ] && [ ! -d "$BENCH/jobs" ]; then tar xzf results.tgz -C "$BENCH"; fi
 if [ -f "$BENCH/data/train.jsonl.gz" ]; then gunzip -f "$BENCH/data/train.jsonl.gz"; fi  # staged compressed
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ "$stage" = crosscheck ]; then
