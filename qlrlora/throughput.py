@@ -319,7 +319,7 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
     model_bytes = torch.cuda.memory_allocated() if cuda else 0
     trainer.train()
     history = trainer.state.log_history
-    tokens = next(row["num_tokens"] for row in reversed(history) if "num_tokens" in row)
+    tokens = tokens_trained(trainer)
     timed = timer.times[3:] if len(timer.times) > 3 else timer.times
     step_s = statistics.median(timed)
     by_phase = {}
@@ -332,6 +332,7 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         "micro_batch": micro_batch,
         "seq": seq,
         "steps": trainer.state.global_step,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "tokens_per_step": tokens / trainer.state.global_step,
         "tokens_per_s": round(tokens / trainer.state.global_step / step_s, 1),
         "step_s": round(step_s, 4),
@@ -347,6 +348,18 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
     if controller is not None:
         result["hard_ranks_mean"] = sum(controller.hard_ranks()) / len(controller.hard_ranks())
     return result
+
+
+def tokens_trained(trainer) -> float:
+    """The tokens a finished run trained: TRL's logged count, or, where the trainer logs none (Unsloth's),
+    the sequences its steps took times the mean tokenized length of its training rows."""
+    logged = [row["num_tokens"] for row in trainer.state.log_history if "num_tokens" in row]
+    if logged:
+        return logged[-1]
+    args = trainer.args
+    sequences = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps \
+        * args.world_size
+    return sequences * statistics.fmean(len(ids) for ids in trainer.train_dataset["input_ids"])
 
 
 def max_seq(name: str, model_path: str, work: Path, memory_gib: float, start: int = 2048, limit: int = 131072,
@@ -463,7 +476,13 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
 
 
 def _last_error(log: Path) -> str:
+    """The exception that ended a run (the last traceback's last line), else its last line that names an error."""
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if tracebacks:
+        raised = [line for line in lines[tracebacks[-1] + 1:] if not line.startswith((" ", "\t"))]
+        if raised:
+            return raised[-1][:500]
     errors = [line for line in lines if "Error" in line or "error" in line]
     return (errors or lines or ["no output"])[-1][:500]
 

@@ -40,6 +40,28 @@ def test_each_configuration_trains_and_reports_its_figures(tmp_path, tiny_model,
     assert phases == ({"fixed"} if name == "stock_peft" else {"pruning", "frozen"}), phases
 
 
+def test_tokens_are_counted_from_the_rows_where_the_trainer_logs_none(tmp_path, tiny_model):
+    """Unsloth's trainer logs no `num_tokens`: the count from the sequences trained is TRL's logged one."""
+    rows = throughput.synthetic_rows(tmp_path / "rows.jsonl", 6, 96)
+    trainer = throughput.build("stock_peft", tiny_model, rows, tmp_path / "out", 2, 96, 5)
+    trainer.train()
+    logged = throughput.tokens_trained(trainer)
+    assert logged == pytest.approx(5 * 2 * (96 - 1), rel=0.02)
+    trainer.state.log_history = [{k: v for k, v in row.items() if k != "num_tokens"} for row in trainer.state.log_history]
+    assert throughput.tokens_trained(trainer) == pytest.approx(logged, rel=0.01)
+
+
+def test_a_failed_run_is_reported_by_the_exception_that_ended_it(tmp_path):
+    """A warning that mentions an error, printed before the traceback, is not what ended the run."""
+    log = tmp_path / "run.log"
+    log.write_text("Unsloth: xformers cannot load. UNSLOTH_ENABLE_LOGGING=1 shows the full error.\n"
+                   "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+                   "    tokens = next(row for row in [])\n             ^^^^\nStopIteration\n")
+    assert throughput._last_error(log) == "StopIteration"
+    log.write_text("loading\nCUDA error: out of memory\nexiting\n")
+    assert throughput._last_error(log) == "CUDA error: out of memory"
+
+
 def test_max_seq_trains_every_length_on_one_loaded_model(tmp_path, tiny_model, monkeypatch):
     loads = []
     real = throughput.build
