@@ -178,6 +178,12 @@ def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
     report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(one)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert f"| +0.030 (seed std {0.02 * 2**0.5:.3f} of lora; dora has one seed) |" in report.stdout, report.stdout
+    assert "## Learning-rate sweep: accuracy on the held-out slice" in report.stdout  # lora at two rates
+    single = bench_dir(tmp_path / "single", [results[0], results[3]])
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(single)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "## Accuracy at learning rate 0.001 on the held-out slice" in report.stdout, report.stdout
+    assert "sweep" not in report.stdout
 
 
 def test_methods_are_compared_with_their_baselines_seed_by_seed(tmp_path):

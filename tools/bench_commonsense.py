@@ -147,7 +147,8 @@ def markdown(summary: dict) -> str:
     sweep = summary["sweep_heldout"]
     if sweep:
         rates = sorted({lr for values in sweep.values() for lr in values}, key=float)
-        out += ["## Learning-rate sweep: accuracy on the held-out slice of the training mixture (seed 0)", "",
+        heading = "Learning-rate sweep: accuracy" if len(rates) > 1 else f"Accuracy at learning rate {rates[0]}"
+        out += [f"## {heading} on the held-out slice of the training mixture (seed 0)", "",
                 "| method | " + " | ".join(rates) + " |", "| --- " * (1 + len(rates)) + "|"]
         for name, values in sweep.items():
             out.append(f"| {name} | " + " | ".join(_sweep_cell(values.get(r)) for r in rates) + " |")
