@@ -456,8 +456,8 @@ def test_at_the_deadline_a_stage_stops_its_jobs_and_kills_what_does_not_stop(tmp
 
 def test_run_sh_start_returns_at_once_and_wait_brings_back_what_its_jobs_did(tmp_path, mixture):
     """`run.sh start` leaves its jobs running in a session of their own; `wait` waits for them and returns
-    their consoles and results, as a later device call does. An earlier machine's results.tgz, carried in
-    the repo root, goes on with them."""
+    their consoles and results, as a later device call does, and what is done so far when it returns before
+    them. An earlier machine's results.tgz, carried in the repo root, goes on with them."""
     import io
     import os
     import shutil
@@ -488,6 +488,13 @@ def test_run_sh_start_returns_at_once_and_wait_brings_back_what_its_jobs_did(tmp
                            capture_output=True, text=True, cwd=repo, timeout=60)
     assert start.returncode == 0 and "started" in start.stdout, start.stderr
     assert not (directory / "jobs" / "base" / "result.json").exists()  # the job is still running
+    soon = tmp_path / "out_soon"
+    soon.mkdir()
+    early = subprocess.run(["bash", script, "wait", "0"], env={**env, "OUT": str(soon)},
+                           capture_output=True, text=True, cwd=repo, timeout=60)
+    assert "still running" in early.stdout, early.stdout + early.stderr
+    with tarfile.open(soon / "results.tgz") as packed:  # what is there comes back before the jobs end
+        assert "jobs/lora-lr0.001-s0/result.json" in packed.getnames()
     wait = subprocess.run(["bash", script, "wait", "240"], env={**env, "OUT": str(later)},
                           capture_output=True, text=True, cwd=repo, timeout=300)
     assert "finished" in wait.stdout, wait.stdout + wait.stderr

@@ -4,7 +4,7 @@
 #   bash docs/benchmarks/commonsense/run.sh jobs DEADLINE_SECONDS METHOD:SEED:LR ...
 #   bash docs/benchmarks/commonsense/run.sh crosscheck - METHOD:SEED:LR ...  # trained jobs scored through PEFT
 #   bash docs/benchmarks/commonsense/run.sh start DEADLINE_SECONDS METHOD:SEED:LR ...  # `jobs`, outliving the call
-#   bash docs/benchmarks/commonsense/run.sh wait SECONDS  # in the next calls: wait for `start`'s jobs, return what is done
+#   bash docs/benchmarks/commonsense/run.sh wait SECONDS  # in the next calls: wait for `start`'s jobs, return what they wrote so far
 # BENCH is the directory `tools/bench_commonsense.py prepare` wrote (staged to the GPU machine); the results,
 # the per-job logs and the ranks come back as $OUT/results.tgz; a results.tgz in the repo root is unpacked
 # into a $BENCH that has no jobs yet (by every stage, `start` included), so a new machine goes on from them.
@@ -17,6 +17,11 @@ set -uo pipefail
 stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
 DETACHED=${DETACHED:-/root/qlr-detached}
+pack() {  # what the jobs in $BENCH wrote so far, finished or not, as $OUT/results.tgz
+  (cd "$BENCH" && tar czf "$OUT/results.tgz" protocol.json $(ls permuted_ranks.json 2>/dev/null) \
+    $(ls jobs/*/result.json jobs/*/ranks.json jobs/*/ranks.png jobs/*/log.txt jobs/*/peft_crosscheck.json 2>/dev/null) \
+    2>/dev/null)
+}
 if [ -f results.tgz ] && [ ! -d "$BENCH/jobs" ]; then tar xzf results.tgz -C "$BENCH"; fi
 if [ "$stage" = start ]; then
   rm -rf "$DETACHED" && mkdir -p "$DETACHED/out" "$DETACHED/repo/docs/benchmarks/commonsense"
@@ -29,8 +34,10 @@ if [ "$stage" = start ]; then
 fi
 if [ "$stage" = wait ]; then
   end=$((SECONDS + deadline))
-  while [ ! -f "$DETACHED/out/finished" ] && [ $SECONDS -lt $end ]; do sleep 5; done
-  cp "$DETACHED"/out/*.log "$DETACHED"/out/results.tgz "$OUT"/ 2>/dev/null
+  while [ ! -f "$DETACHED/out/finished" ] && [ $SECONDS -lt $end ]; do  # packed every 30 s: a call cut short keeps it
+    sleep 5; if [ $((SECONDS % 30)) -lt 5 ]; then cp "$DETACHED"/out/*.log "$OUT"/ 2>/dev/null; pack; fi
+  done
+  cp "$DETACHED"/out/*.log "$OUT"/ 2>/dev/null; pack
   for f in "$BENCH"/jobs/*/log.txt; do echo "== $f"; tail -c 250 "$f" | tr '\r' '\n' | tail -2; done
   tail -n 12 "$DETACHED/out/console.log"
   if [ -f "$DETACHED/out/finished" ]; then echo "finished, exit $(cat "$DETACHED/out/finished")"; else echo "still running"; fi
@@ -46,7 +53,5 @@ else
   python tools/bench_commonsense.py run "$BENCH" "${which[@]}" --parallel "${PARALLEL:-9}" --deadline "$deadline" \
     2>&1 | tee "$OUT/$stage.log"
 fi
-(cd "$BENCH" && tar czf "$OUT/results.tgz" protocol.json $(ls permuted_ranks.json 2>/dev/null) \
-  jobs/*/result.json jobs/*/ranks.json jobs/*/ranks.png jobs/*/log.txt $(ls jobs/*/peft_crosscheck.json 2>/dev/null) \
-  2>/dev/null)
+pack
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
