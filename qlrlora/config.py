@@ -240,7 +240,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
     if path.is_file():
         return path
     shipped = shipped_recipes()
-    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    name = path.name.removesuffix(".yaml")
     if path.parent == Path(".") and name in shipped:
         return shipped[name]
     if path.exists():
@@ -295,7 +295,7 @@ def _sft_hints() -> dict[str, Any]:
     def plain(hint):
         origin = typing.get_origin(hint)
         if origin in (typing.Union, types.UnionType):
-            return typing.Union[tuple(plain(a) for a in typing.get_args(hint))]
+            return typing.Union[tuple(plain(a) for a in typing.get_args(hint))]  # noqa: UP007 - built from a tuple
         if isinstance(hint, type) and issubclass(hint, enum.Enum):
             return str
         if hint in (bool, int, float, str, dict, type(None)) or origin in (list, dict):

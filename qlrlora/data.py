@@ -83,7 +83,7 @@ def _load_parts(spec, config: DataConfig, base_dir: Path | None):
             _check_jsonl(path, config.format)
         try:
             rows = datasets.load_dataset(loader, data_files=str(path), split="train")
-        except Exception as e:  # the loaders raise arrow / json errors of many types
+        except Exception as e:  # noqa: BLE001 - the loaders raise arrow / json errors of many types
             raise QLRError(_describe_bad_file(path, e)) from None
         yield str(path), rows
 
@@ -133,7 +133,7 @@ def _load_named(name: str, config: DataConfig):
 
     try:
         rows = datasets.load_dataset(name, config.subset, split=config.split)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the Hub, network and dataset-script errors are of many types
         raise QLRError(
             f"data.dataset: cannot load {name!r} (split {config.split!r}) from the Hugging Face Hub: "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"

@@ -174,7 +174,7 @@ def write_gguf(adapters: dict[str, ModuleAdapter], out: Path, base_dir: Path) ->
         save_file(tensors, str(Path(tmp) / "adapter_model.safetensors"), metadata={"format": "pt"})
         result = subprocess.run(
             [sys.executable, str(script), "--base", str(base_dir), "--outtype", "f32",
-             "--outfile", str(out / "adapter.gguf"), tmp],
+             "--outfile", str(out / "adapter.gguf"), tmp], check=False,
             capture_output=True, text=True, env=converter_environment(),
         )
     if result.returncode != 0 or not (out / "adapter.gguf").is_file():

@@ -158,8 +158,8 @@ def measure(run_dir: Path, questions: list, methods: tuple[str, ...] = ("naive",
 
 
 def table(rows: list[Row], questions: int, closeness_prompts: int = 32) -> str:
-    lines = [f"| variant | accuracy ({questions} questions) | answers flipped | KL to reference | max logit diff | "
-             "perplexity | reference |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [(f"| variant | accuracy ({questions} questions) | answers flipped | KL to reference | max logit diff | "
+             "perplexity | reference |"), "| --- | --- | --- | --- | --- | --- | --- |"]
     lines.insert(0, f"KL, logit difference and perplexity at every position of the first {closeness_prompts} "
                     "prompts; accuracy on all questions.\n")
     for r in rows:

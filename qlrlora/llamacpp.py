@@ -38,7 +38,7 @@ def llama_cpp_tools() -> Path:
         print(f"fetching {LLAMA_CPP_PYTHON} (source) from the package index for llama.cpp's converters", flush=True)
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
                    "-d", str(downloads), LLAMA_CPP_PYTHON]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
         sdists = sorted(downloads.glob("*.tar.gz"))
         if result.returncode != 0 or not sdists:
             detail = (result.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
@@ -81,7 +81,7 @@ def base_gguf(base_dir: Path) -> Path:
     partial = out.with_suffix(".partial")
     result = subprocess.run(
         [sys.executable, str(converter_script("convert_hf_to_gguf.py")), str(base_dir), "--outtype", "f32",
-         "--outfile", str(partial)], capture_output=True, text=True, env=converter_environment(),
+         "--outfile", str(partial)], check=False, capture_output=True, text=True, env=converter_environment(),
     )
     if result.returncode != 0 or not partial.is_file():
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]

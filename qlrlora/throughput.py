@@ -462,7 +462,7 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
         began = time.perf_counter()
         with open(log, "w") as f:
             try:
-                code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+                code = subprocess.run(argv, check=False, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
             except subprocess.TimeoutExpired:
                 code = "timeout"
         print(f"{kind} {key}: exit {code} after {time.perf_counter() - began:.0f} s", flush=True)
@@ -532,13 +532,13 @@ def format_report(report: dict) -> str:
     phases = {k: r["step_s_by_phase"] for k, r in table.items() if "error" not in r and len(r["step_s_by_phase"]) > 1}
     if phases:
         lines += ["", "Median step time (s) by rank phase, learned ranks:", ""]
-        lines += ["| run | " + " | ".join(["warmup", "pruning", "frozen"]) + " |", "| --- | --- | --- | --- |"]
+        lines += ["| run | warmup | pruning | frozen |", "| --- | --- | --- | --- |"]
         for key, by in phases.items():
             lines.append(f"| {key} | " + " | ".join(str(by.get(p, "")) for p in ("warmup", "pruning", "frozen")) + " |")
     searched = report.get("max_seq", {})
     if searched:
-        lines += ["", f"Longest sequence at micro-batch 1 within {next(iter(searched.values())).get('memory_limit_gib')} "
-                      "GiB (doubling from 2048):", "", "| config | max seq | tried |", "| --- | --- | --- |"]
+        lines += ["", (f"Longest sequence at micro-batch 1 within {next(iter(searched.values())).get('memory_limit_gib')} "
+                      "GiB (doubling from 2048):"), "", "| config | max seq | tried |", "| --- | --- | --- |"]
         for name, s in searched.items():
             if "error" in s:
                 lines.append(f"| {name} | failed: {s['error']} | |")

@@ -186,7 +186,7 @@ def test_fused_branch_passes_gradcheck_in_float64():
     B = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
     for k in (0, 3, 6):
         assert torch.autograd.gradcheck(
-            lambda *t: _LowRankUpdate.apply(*t, k, k, None, 1.3, None, 0), (result, x, A, B)
+            lambda *t, k=k: _LowRankUpdate.apply(*t, k, k, None, 1.3, None, 0), (result, x, A, B)
         ), k
 
 
@@ -200,7 +200,7 @@ def test_fused_branch_matches_plain_autograd(dtype):
     upstream = torch.randn(4, 9, 24)
     ours, our_grads = branch_grads(layer, x, upstream, ours=True)
     theirs, their_grads = branch_grads(layer, x, upstream, ours=False)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(ours.float(), theirs, **tol)
     assert_grads_close(our_grads, their_grads, tol)
 
@@ -219,7 +219,7 @@ def test_components_past_the_window_are_not_computed():
     upstream = torch.randn(4, 9, 24)
     ours, our_grads = branch_grads(layer, x, upstream, ours=True)
     theirs, their_grads = branch_grads(layer, x, upstream, ours=False)
-    tight = dict(rtol=1e-5, atol=1e-5)
+    tight = {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(ours, theirs, **tight)
     assert_grads_close(our_grads[:3], their_grads[:3], tight)
     torch.testing.assert_close(our_grads[3], their_grads[3], rtol=1e-4, atol=0)

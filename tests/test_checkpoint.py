@@ -40,7 +40,7 @@ def test_round_trip_gives_identical_outputs_and_ranks(tmp_path):
 
 
 def test_loading_into_an_injected_model_with_other_targets_fails(tmp_path):
-    model, _, layers, config = trained_model()
+    _model, _, layers, config = trained_model()
     save_adapter(tmp_path, layers, config)
     other, _ = load_backbone(ModelConfig(init_config=TINY_LLAMA))
     inject_adapters(other, AdapterConfig(targets=["q_proj"], r_max=8, init_rank=2))
@@ -62,7 +62,7 @@ def test_a_directory_without_adapter_is_a_clear_error(tmp_path):
 
 
 def test_tensors_and_metadata_are_one_file_and_the_json_is_only_a_copy(tmp_path):
-    model, _, layers, config = trained_model()
+    _model, _, layers, config = trained_model()
     save_adapter(tmp_path, layers, config, RankConfig(mode="budget", budget_avg_rank=2), {"step_count": 3})
     (tmp_path / CONFIG_NAME).unlink()  # e.g. a kill between the two writes: the adapter is still whole
     fresh, _ = load_backbone(ModelConfig(init_config=TINY_LLAMA))
@@ -71,7 +71,7 @@ def test_tensors_and_metadata_are_one_file_and_the_json_is_only_a_copy(tmp_path)
 
 
 def test_a_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
-    model, _, layers, config = trained_model()
+    _model, _, layers, config = trained_model()
     save_adapter(tmp_path, layers, config)
     before = (tmp_path / WEIGHTS_NAME).read_bytes()
     with torch.no_grad():

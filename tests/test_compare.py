@@ -170,17 +170,17 @@ def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
     assert summary["sweep_heldout"]["lora"] == {"0.001": 0.6, "0.002": 0.5}
     assert summary["learned_ranks"]["model.layers.0.mlp.up_proj"] == [12, 11]
     assert summary["differentiation"]["seeds"] == 2
-    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory)],
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory)], check=False,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert f"| +0.090 (seed std {0.02 * 2**0.5:.3f}) |" in report.stdout, report.stdout  # 0.51 - 0.42
     # A method of one seed beside a seeded LoRA: LoRA's std is not that method's noise, and the cell says so.
     one = bench_dir(tmp_path / "one", [*results, result("dora", 1e-3, 0, 0.6, avg=0.45)])
-    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(one)],
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(one)], check=False,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert f"| +0.030 (seed std {0.02 * 2**0.5:.3f} of lora; dora has one seed) |" in report.stdout, report.stdout
     assert "## Learning-rate sweep: accuracy on the held-out slice" in report.stdout  # lora at two rates
     single = bench_dir(tmp_path / "single", [results[0], results[3]])
-    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(single)],
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(single)], check=False,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert "## Accuracy at learning rate 0.001 on the held-out slice" in report.stdout, report.stdout
     assert "sweep" not in report.stdout
@@ -205,7 +205,7 @@ def test_methods_are_compared_with_their_baselines_seed_by_seed(tmp_path):
     assert ours["validation"]["mean"] == pytest.approx(0.02) and ours["validation"]["std"] == pytest.approx(0.02 / 2**0.5)
     assert ours["heldout"]["per_seed"] == pytest.approx([0.03, -0.04])
     assert pairs["learned_ranks_fixed", "uniform_fixed"]["validation"]["std"] is None
-    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(tmp_path / "bench")],
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(tmp_path / "bench")], check=False,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert "| lr_lora_budget | lora | 0,1 | +0.0100 +0.0300 | +0.0200 | 0.0141 | +0.0300 -0.0400 | -0.0050 | 0.0495 |" \
         in report.stdout, report.stdout
@@ -220,7 +220,7 @@ def test_a_diverged_run_shows_in_the_sweep_and_nowhere_else(tmp_path):
     summary = summarize(directory)
     assert summary["sweep_heldout"]["lora"] == {"0.001": 0.6, "0.01": "diverged at step 75"}
     assert summary["methods"]["lora"]["seeds"] == [0] and summary["methods"]["lora"]["lr"] == 1e-3
-    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory)],
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory)], check=False,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| lora | 0.6000 | diverged at step 75 |" in report.stdout
@@ -261,7 +261,7 @@ def test_tiny_benchmark_end_to_end(tmp_path, mixture):
     assert results["lr_lora_budget"]["adapter_params"] <= results["lora"]["adapter_params"]
     assert results["lr_lora_budget"]["train_steps"] == 8 and len(results["lr_lora_budget"]["ranks"]) == 14
     report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory),
-                             "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "ranks.png")],
+                             "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "ranks.png")], check=False,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| lr_lora_budget | 0.001 | 0 |" in report.stdout and (tmp_path / "ranks.png").is_file()
@@ -484,18 +484,18 @@ def test_run_sh_start_returns_at_once_and_wait_brings_back_what_its_jobs_did(tmp
     later.mkdir()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "BENCH": str(directory),
            "DETACHED": str(tmp_path / "detached"), "QLRLORA_CACHE": str(tmp_path / "cache")}
-    start = subprocess.run(["bash", script, "start", "300", "base:0:0"], env={**env, "OUT": str(first)},
+    start = subprocess.run(["bash", script, "start", "300", "base:0:0"], check=False, env={**env, "OUT": str(first)},
                            capture_output=True, text=True, cwd=repo, timeout=60)
     assert start.returncode == 0 and "started" in start.stdout, start.stderr
     assert not (directory / "jobs" / "base" / "result.json").exists()  # the job is still running
     soon = tmp_path / "out_soon"
     soon.mkdir()
-    early = subprocess.run(["bash", script, "wait", "0"], env={**env, "OUT": str(soon)},
+    early = subprocess.run(["bash", script, "wait", "0"], check=False, env={**env, "OUT": str(soon)},
                            capture_output=True, text=True, cwd=repo, timeout=60)
     assert "still running" in early.stdout, early.stdout + early.stderr
     with tarfile.open(soon / "results.tgz") as packed:  # what is there comes back before the jobs end
         assert "jobs/lora-lr0.001-s0/result.json" in packed.getnames()
-    wait = subprocess.run(["bash", script, "wait", "240"], env={**env, "OUT": str(later)},
+    wait = subprocess.run(["bash", script, "wait", "240"], check=False, env={**env, "OUT": str(later)},
                           capture_output=True, text=True, cwd=repo, timeout=300)
     assert "finished" in wait.stdout, wait.stdout + wait.stderr
     assert '"base": "done"' in (later / "jobs.log").read_text()

@@ -44,7 +44,8 @@ def test_scores_match_logits_computed_by_hand():
 
 def test_accuracy_follows_the_best_scoring_choice():
     model, tokenizer = fp32_tiny()
-    best = [max(range(len(q.choices)), key=lambda j, s=by_hand(model, tokenizer, q): s[j]) for q in QUESTIONS]
+    scores = [by_hand(model, tokenizer, q) for q in QUESTIONS]
+    best = [max(range(len(q.choices)), key=s.__getitem__) for q, s in zip(QUESTIONS, scores)]
     right = {"t": [Question("t", q.prompt, q.choices, b) for q, b in zip(QUESTIONS, best)]}
     wrong = {"t": [Question("t", q.prompt, q.choices, (b + 1) % len(q.choices)) for q, b in zip(QUESTIONS, best)]}
     assert evaluate_mc(model, tokenizer, right, progress=False) == {

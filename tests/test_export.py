@@ -54,7 +54,7 @@ def test_exported_adapter_reproduces_the_trained_model(tmp_path):
 
 
 def test_all_zero_ranks_is_an_error(tmp_path):
-    model, _, layers = trained()
+    _model, _, layers = trained()
     with torch.no_grad():
         next(iter(layers.values())).ranks.values.zero_()
     with pytest.raises(QLRError, match="every learned rank is 0"):

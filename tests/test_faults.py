@@ -87,7 +87,7 @@ sys.exit(main(sys.argv[1:]))
 
 def cli(*args, killer_point=None):
     command = [sys.executable, "-c", KILLER, killer_point] if killer_point else [sys.executable, "-m", "qlrlora.sft"]
-    return subprocess.run([*command, str(TINY), *map(str, args), "--train.report_to=none", "--train.save_steps=5"],
+    return subprocess.run([*command, str(TINY), *map(str, args), "--train.report_to=none", "--train.save_steps=5"], check=False,
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ})
 
 
@@ -138,7 +138,7 @@ def test_two_processes_stopped_by_sigterm_in_different_steps_save_one_checkpoint
               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
               "--dynamo_backend", "no"]
     args = [str(TINY), f"--output.dir={out}", "--train.report_to=none", "--train.save_strategy=no"]
-    stopped = subprocess.run([*launch, str(script), "sigterm", *args], capture_output=True, text=True, cwd=ROOT,
+    stopped = subprocess.run([*launch, str(script), "sigterm", *args], check=False, capture_output=True, text=True, cwd=ROOT,
                              timeout=600)
     assert stopped.returncode != 0
     lines = [line for line in stopped.stderr.splitlines() if line.startswith("stopped on SIGTERM")]
@@ -148,7 +148,7 @@ def test_two_processes_stopped_by_sigterm_in_different_steps_save_one_checkpoint
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-7"] and (out / "checkpoint-7" / COMPLETE_MARKER).is_file()
     # Resumed in one process: transformers 5.17 loads a multi-process checkpoint's optimizer state onto
     # args.device, which on CPUs is "cpu:1" for the second process and cannot be mapped (cuda:N on GPUs).
-    resumed = subprocess.run([sys.executable, "-m", "qlrlora.sft", *args, "--output.resume=true"],
+    resumed = subprocess.run([sys.executable, "-m", "qlrlora.sft", *args, "--output.resume=true"], check=False,
                              capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "ranks.json").read_text())["summary"]["step"] == 20

@@ -24,13 +24,13 @@ def error_of(capsys, *argv):
 
 
 def test_no_argument_says_what_to_run():
-    result = subprocess.run([sys.executable, "-m", "qlrlora.sft"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "qlrlora.sft"], check=False, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert "qlrlora-sft RECIPE" in result.stderr and "  tiny_cpu\n" in result.stderr
 
 
 def test_missing_recipe_from_the_command_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "qlrlora.sft", str(tmp_path / "nope.yaml")],
+    result = subprocess.run([sys.executable, "-m", "qlrlora.sft", str(tmp_path / "nope.yaml")], check=False,
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: recipe not found: {tmp_path / 'nope.yaml'} is neither a file nor")

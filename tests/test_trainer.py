@@ -33,7 +33,7 @@ def history(output_dir, step=20):
 
 def cli(*args, env=None, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, "-m", "qlrlora.sft", *map(str, args)],
+        [sys.executable, "-m", "qlrlora.sft", *map(str, args)], check=False,
         capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=600,
     )
 
@@ -120,7 +120,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_kill_during_save_leaves_the_previous_checkpoint_and_resume_uses_it(tmp_path):
     out = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(TINY), f"--output.dir={out}",
-                             "--train.report_to=none"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                             "--train.report_to=none"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert killed.returncode == 9
     assert (out / "checkpoint-20" / "lrlora_adapter.safetensors").is_file()
     assert not (out / "checkpoint-20" / COMPLETE_MARKER).exists()
@@ -153,7 +153,7 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "qlrlora.sft", str(TINY), f"--output.dir={out}", "--train.report_to=none", "--train.save_strategy=no"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "ranks.json").read_text())["summary"]
     assert summary["processes"] == 2

@@ -63,11 +63,11 @@ def rank_tables(ranks: dict) -> str:
     means = [f"{summary[key]:.2f} {kind}" for key, kind in kinds if summary[key] is not None]
     head = [
         f"- hard ranks at the end: {spread} ({len(layers)} layers)",
-        f"- soft ranks from {min(r['rank'] for r in layers):.3f} to {max(r['rank'] for r in layers):.3f}; "
-        f"mean {', '.join(means)}",
-        f"- adapter parameters kept: {summary['live_adapter_params']:,} against a budget of "
+        (f"- soft ranks from {min(r['rank'] for r in layers):.3f} to {max(r['rank'] for r in layers):.3f}; "
+        f"mean {', '.join(means)}"),
+        (f"- adapter parameters kept: {summary['live_adapter_params']:,} against a budget of "
         f"{summary['budget_adapter_params']:,}; final lambda {summary['lambda']:.4g}, "
-        f"temperature {summary['temperature']:.3g}, after {summary['step']} steps",
+        f"temperature {summary['temperature']:.3g}, after {summary['step']} steps"),
     ]
     projections = list(dict.fromkeys(r["module"].rsplit(".", 1)[-1] for r in layers))
     grid: dict[int, dict[str, int]] = {}
