@@ -205,8 +205,8 @@ def test_methods_are_compared_with_their_baselines_seed_by_seed(tmp_path):
     assert ours["validation"]["mean"] == pytest.approx(0.02) and ours["validation"]["std"] == pytest.approx(0.02 / 2**0.5)
     assert ours["heldout"]["per_seed"] == pytest.approx([0.03, -0.04])
     assert pairs["learned_ranks_fixed", "uniform_fixed"]["validation"]["std"] is None
-    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(tmp_path / "bench")], check=False,
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(tmp_path / "bench")],
+                            check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert "| lr_lora_budget | lora | 0,1 | +0.0100 +0.0300 | +0.0200 | 0.0141 | +0.0300 -0.0400 | -0.0050 | 0.0495 |" \
         in report.stdout, report.stdout
     assert "| learned_ranks_fixed | uniform_fixed | 0 | +0.0200 | +0.0200 |  | +0.1000 | +0.1000 |  |" in report.stdout

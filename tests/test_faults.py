@@ -87,8 +87,8 @@ sys.exit(main(sys.argv[1:]))
 
 def cli(*args, killer_point=None):
     command = [sys.executable, "-c", KILLER, killer_point] if killer_point else [sys.executable, "-m", "qlrlora.sft"]
-    return subprocess.run([*command, str(TINY), *map(str, args), "--train.report_to=none", "--train.save_steps=5"], check=False,
-                          capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ})
+    return subprocess.run([*command, str(TINY), *map(str, args), "--train.report_to=none", "--train.save_steps=5"],
+                          check=False, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ})
 
 
 def final_state(out: Path) -> dict:
@@ -138,8 +138,8 @@ def test_two_processes_stopped_by_sigterm_in_different_steps_save_one_checkpoint
               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
               "--dynamo_backend", "no"]
     args = [str(TINY), f"--output.dir={out}", "--train.report_to=none", "--train.save_strategy=no"]
-    stopped = subprocess.run([*launch, str(script), "sigterm", *args], check=False, capture_output=True, text=True, cwd=ROOT,
-                             timeout=600)
+    stopped = subprocess.run([*launch, str(script), "sigterm", *args], check=False, capture_output=True, text=True,
+                             cwd=ROOT, timeout=600)
     assert stopped.returncode != 0
     lines = [line for line in stopped.stderr.splitlines() if line.startswith("stopped on SIGTERM")]
     expected = (f"stopped on SIGTERM at step 7 of 20, after saving {out / 'checkpoint-7'}; continue it with "

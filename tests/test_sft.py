@@ -24,7 +24,8 @@ def error_of(capsys, *argv):
 
 
 def test_no_argument_says_what_to_run():
-    result = subprocess.run([sys.executable, "-m", "qlrlora.sft"], check=False, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "qlrlora.sft"], check=False, capture_output=True, text=True,
+                            cwd=ROOT)
     assert result.returncode == 2
     assert "qlrlora-sft RECIPE" in result.stderr and "  tiny_cpu\n" in result.stderr
 

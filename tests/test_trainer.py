@@ -120,7 +120,8 @@ sys.exit(main(sys.argv[1:]))
 def test_a_kill_during_save_leaves_the_previous_checkpoint_and_resume_uses_it(tmp_path):
     out = tmp_path / "run"
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(TINY), f"--output.dir={out}",
-                             "--train.report_to=none"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
+                             "--train.report_to=none"], check=False, capture_output=True, text=True, cwd=ROOT,
+                             timeout=600)
     assert killed.returncode == 9
     assert (out / "checkpoint-20" / "lrlora_adapter.safetensors").is_file()
     assert not (out / "checkpoint-20" / COMPLETE_MARKER).exists()

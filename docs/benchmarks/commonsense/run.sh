@@ -33,9 +33,10 @@ if [ "$stage" = start ]; then
   echo "started: $DETACHED/out/console.log"; exit 0
 fi
 if [ "$stage" = wait ]; then
-  end=$((SECONDS + deadline))
-  while [ ! -f "$DETACHED/out/finished" ] && [ $SECONDS -lt $end ]; do  # packed every 30 s: a call cut short keeps it
-    sleep 5; if [ $((SECONDS % 30)) -lt 5 ]; then cp "$DETACHED"/out/*.log "$OUT"/ 2>/dev/null; pack; fi
+  end=$((SECONDS + deadline)) packed=0
+  until [ -f "$DETACHED/out/finished" ] || [ $SECONDS -ge $end ]; do  # every 30 s: a call cut short keeps it
+    if [ $SECONDS -ge $((packed + 30)) ]; then cp "$DETACHED"/out/*.log "$OUT"/ 2>/dev/null; pack; packed=$SECONDS; fi
+    sleep 5
   done
   cp "$DETACHED"/out/*.log "$OUT"/ 2>/dev/null; pack
   for f in "$BENCH"/jobs/*/log.txt; do echo "== $f"; tail -c 250 "$f" | tr '\r' '\n' | tail -2; done
