@@ -596,12 +596,18 @@ def load_results(directory: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((directory / "jobs").glob("*/result.json"))]
 
 
-def summarize(directory: Path, command: str | None = None) -> dict:
-    """commonsense.json: per method the validation accuracies (mean over seeds), their std, cost, and the ranks."""
+def summarize(directory: Path, command: str | None = None, learning_rate: float | None = None) -> dict:
+    """commonsense.json: per method the validation accuracies (mean over seeds), their std, cost, and the ranks.
+
+    Each method is reported at the learning rate chosen on the held-out slice (`best_learning_rates`),
+    or, given `learning_rate`, every method at that one rate: a like-for-like table for a sweep that did
+    not reach every method, which is not the protocol's comparison."""
     protocol = read_protocol(directory)
     everything = load_results(directory)
     results = [r for r in everything if "diverged_at_step" not in r]
     best = best_learning_rates(results)
+    if learning_rate is not None:
+        best = {m: learning_rate for m in best}
     chosen = {m: best.get("lr_lora_budget") for m in ("lr_lora_penalty", *CONTROLS)}
     chosen.update(best)
     chosen["lora_rslora"], chosen["dora_rslora"] = best.get("lora"), best.get("dora")
@@ -638,6 +644,7 @@ def summarize(directory: Path, command: str | None = None) -> dict:
     summary = {
         "model": protocol.model,
         "command": command,
+        "learning_rates": "chosen on the held-out slice" if learning_rate is None else f"all at {learning_rate:g}",
         "protocol": dataclasses.asdict(protocol),
         "methods": methods,
         "sweep_heldout": sweep,

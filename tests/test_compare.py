@@ -169,9 +169,14 @@ def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
     assert lora["seeds"] == [0, 1] and lora["avg"] == pytest.approx(0.42) and lora["std"] == pytest.approx(0.02 * 2**0.5)
     assert summary["sweep_heldout"]["lora"] == {"0.001": 0.6, "0.002": 0.5}
     assert summary["learned_ranks"]["model.layers.0.mlp.up_proj"] == [12, 11]
-    assert summary["differentiation"]["seeds"] == 2
+    assert summary["differentiation"]["seeds"] == 2 and summary["learning_rates"] == "chosen on the held-out slice"
+    # Every method at one rate instead: LoRA's 2e-3 run alone, and no LR-LoRA, which never ran at 2e-3.
+    fixed = summarize(directory, learning_rate=2e-3)
+    assert fixed["methods"]["lora"]["seeds"] == [0] and fixed["methods"]["lora"]["avg"] == pytest.approx(0.99)
+    assert "lr_lora_budget" not in fixed["methods"] and fixed["learning_rates"] == "all at 0.002"
     report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory)], check=False,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "learning rates chosen on the held-out slice)" in report.stdout, report.stdout
     assert f"| +0.090 (seed std {0.02 * 2**0.5:.3f}) |" in report.stdout, report.stdout  # 0.51 - 0.42
     # A method of one seed beside a seeded LoRA: LoRA's std is not that method's noise, and the cell says so.
     one = bench_dir(tmp_path / "one", [*results, result("dora", 1e-3, 0, 0.6, avg=0.45)])

@@ -3,7 +3,7 @@
     python tools/bench_commonsense.py prepare DIR [--train-rows N] [--heldout-rows M] [--epochs E] [--model REF --gguf-file F]
     python tools/bench_commonsense.py run DIR --stage sweep|final [--parallel K] [--deadline S] [--start-by S]
     python tools/bench_commonsense.py run DIR --jobs METHOD:SEED:LR ... [--parallel K] [--deadline S]
-    python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH] [--plot PATH]
+    python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH] [--plot PATH] [--learning-rate LR]
     python tools/bench_commonsense.py crosscheck DIR METHOD:SEED:LR ...
 
 `prepare` writes the data and the protocol into DIR; `run` trains and evaluates the jobs of a stage
@@ -65,6 +65,8 @@ def main(argv: list[str]) -> int:
     s.add_argument("--markdown", type=Path)
     s.add_argument("--plot", type=Path, help="the learned ranks of LR-LoRA's seed 0, as a PNG")
     s.add_argument("--command", help="how the jobs were run, recorded in the JSON (default: this report command)")
+    s.add_argument("--learning-rate", type=float,
+                   help="report every method at this one rate instead of each at its rate chosen on the held-out slice")
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -82,7 +84,8 @@ def main(argv: list[str]) -> int:
                 print(json.dumps({"job": job.name, "validation": result["validation"]["average"],
                                   "heldout": result["heldout"]["average"]}), flush=True)
         else:
-            summary = summarize(args.dir, command=args.command or " ".join(["python", "tools/bench_commonsense.py", *argv]))
+            summary = summarize(args.dir, command=args.command or " ".join(["python", "tools/bench_commonsense.py", *argv]),
+                                learning_rate=args.learning_rate)
             if args.json:
                 atomic_write_json(args.json, summary)
             text = markdown(summary)
@@ -142,7 +145,8 @@ def markdown(summary: dict) -> str:
         cells = [name, lr, ",".join(map(str, m["seeds"])), f"{m['avg']:.4f}", std, delta,
                  *(f"{m['tasks'][t]:.3f}" for t in tasks), f"{m['adapter_params']:,}", train, speed, peak]
         lines.append("| " + " | ".join(cells) + " |")
-    out = ["## Validation accuracy (first {} questions per task)".format(summary["protocol"]["val_per_task"]), "",
+    out = ["## Validation accuracy (first {} questions per task; learning rates {})".format(
+        summary["protocol"]["val_per_task"], summary["learning_rates"]), "",
            *lines, ""]
     sweep = summary["sweep_heldout"]
     if sweep:
