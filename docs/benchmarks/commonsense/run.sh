@@ -12,7 +12,9 @@
 # same machine (the checkpoints stay in $BENCH, outside the repo, while it is warm) resumes it.
 # `start` runs `jobs` from a copy of the code (not of the venvs or staged data beside it) in a process session of its own, which runs on after the call
 # returns while the machine stays warm (30 s after a call): a job longer than one call (AdaLoRA's cannot
-# resume) then needs no resume, as long as a `wait` call follows each call at once.
+# resume) then needs no resume, as long as a `wait` call follows each call at once. A `wait` call that came later
+# lost three batches with the machine: where the jobs fit, prefer `jobs` ending within one call (two three-pass
+# jobs side by side do).
 set -uo pipefail
 stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
