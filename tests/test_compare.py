@@ -189,6 +189,9 @@ def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert "## Accuracy at learning rate 0.001 on the held-out slice" in report.stdout, report.stdout
     assert "sweep" not in report.stdout
+    fixed = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory), "--learning-rate", "2e-3"],
+                           check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "learning rates all at 0.002)" in fixed.stdout and "| lora | 0.002 | 0 | 0.9900 |" in fixed.stdout, fixed.stdout
 
 
 def test_methods_are_compared_with_their_baselines_seed_by_seed(tmp_path):
