@@ -156,7 +156,7 @@ def stage_jobs(directory: Path, stage: str, protocol: Protocol) -> list[Job]:
     jobs += [Job(m, s, best["lora"] if m == "lora" else ours) for s in protocol.extra_seeds
              for m in ("lr_lora_budget", "lora")]
     jobs += [Job("lora_rslora", 0, best["lora"]), Job("dora_rslora", 0, best["dora"]), Job("lr_lora_penalty", 0, ours)]
-    write_permuted_ranks(directory, Job("lr_lora_budget", 0, ours), protocol.data_seed)
+    write_permuted_ranks(directory, ours, protocol.data_seed)
     return jobs
 
 
@@ -171,11 +171,17 @@ def best_learning_rates(results: list[dict]) -> dict[str, float]:
     return {method: lr for method, (_, lr) in best.items()}
 
 
-def write_permuted_ranks(directory: Path, learned: Job, seed: int) -> Path:
+def learned_ranks_dir(directory: Path, lr: float) -> Path:
+    """The LR-LoRA run whose ranks the controls at learning rate `lr` retrain: seed 0 at that rate."""
+    return directory / "jobs" / Job("lr_lora_budget", 0, lr).name
+
+
+def write_permuted_ranks(directory: Path, lr: float, seed: int) -> Path:
     """The learned hard ranks shuffled across depth within each projection (same parameters, other layers)."""
-    source = directory / "jobs" / learned.name / "ranks.json"
+    source = learned_ranks_dir(directory, lr) / "ranks.json"
     if not source.is_file():
-        raise QLRError(f"stage final: {source} is missing (the sweep's LR-LoRA run at the chosen learning rate)")
+        raise QLRError(f"{source} is missing: the controls at lr {lr:g} retrain the ranks of LR-LoRA's seed-0 run "
+                       "at that rate, which has not finished")
     layers = json.loads(source.read_text())["layers"]
     rng = random.Random(seed)
     by_projection: dict[str, list[dict]] = {}
@@ -186,7 +192,7 @@ def write_permuted_ranks(directory: Path, learned: Job, seed: int) -> Path:
         ranks = [row["hard_rank"] for row in rows]
         rng.shuffle(ranks)
         permuted += [{"module": row["module"], "hard_rank": rank} for row, rank in zip(rows, ranks)]
-    path = directory / "permuted_ranks.json"
+    path = source.with_name("permuted_ranks.json")
     atomic_write_json(path, {"source": str(source), "layers": permuted})
     return path
 
@@ -283,12 +289,9 @@ def recipe_for(directory: Path, job: Job, protocol: Protocol):
         rank = {"mode": "penalty", "penalty": protocol.penalty}
     elif job.method == "uniform_fixed":
         rank, adapter["init_rank"] = {"mode": "fixed"}, float(protocol.rank)
-    elif job.method == "learned_ranks_fixed":
-        best = best_learning_rates(load_results(directory))["lr_lora_budget"]
-        rank = {"mode": "fixed"}
-        adapter["ranks_file"] = str(directory / "jobs" / Job("lr_lora_budget", 0, best).name / "ranks.json")
-    elif job.method == "permuted_ranks_fixed":
-        rank, adapter["ranks_file"] = {"mode": "fixed"}, str(directory / "permuted_ranks.json")
+    elif job.method in ("learned_ranks_fixed", "permuted_ranks_fixed"):
+        name = "ranks.json" if job.method == "learned_ranks_fixed" else "permuted_ranks.json"
+        rank, adapter["ranks_file"] = {"mode": "fixed"}, str(learned_ranks_dir(directory, job.lr) / name)
     model = {"name_or_path": protocol.model, "quantize": "nf4", "double_quant": True, "dtype": "bfloat16"}
     if protocol.gguf_file:
         model["gguf_file"] = protocol.gguf_file

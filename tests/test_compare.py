@@ -150,7 +150,7 @@ def test_final_stage_runs_at_the_chosen_rates_and_permutes_within_each_projectio
     assert jobs == {"lora-lr0.001-s1", "lora-lr0.001-s2", "lr_lora_budget-lr0.002-s1", "lr_lora_budget-lr0.002-s2",
                     "lora_rslora-lr0.001-s0", "dora_rslora-lr0.001-s0", "lr_lora_penalty-lr0.002-s0", "learned_ranks_fixed-lr0.002-s0",
                     "permuted_ranks_fixed-lr0.002-s0", "uniform_fixed-lr0.002-s0"}
-    permuted = json.loads((directory / "permuted_ranks.json").read_text())["layers"]
+    permuted = json.loads((directory / "jobs" / "lr_lora_budget-lr0.002-s0" / "permuted_ranks.json").read_text())["layers"]
     for projection in ("q_proj", "o_proj", "up_proj"):
         got = sorted(r["hard_rank"] for r in permuted if r["module"].endswith(projection))
         assert got == sorted(r["hard_rank"] for r in learned if r["module"].endswith(projection))

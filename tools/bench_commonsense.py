@@ -103,9 +103,8 @@ def main(argv: list[str]) -> int:
 
 def explicit_jobs(args) -> list[Job]:
     jobs = _parsed_jobs(args.jobs)
-    permuted = [j for j in jobs if j.method == "permuted_ranks_fixed"]
-    if permuted:
-        write_permuted_ranks(args.dir, Job("lr_lora_budget", 0, permuted[0].lr), read_protocol(args.dir).data_seed)
+    for lr in sorted({j.lr for j in jobs if j.method == "permuted_ranks_fixed"}):
+        write_permuted_ranks(args.dir, lr, read_protocol(args.dir).data_seed)
     return jobs
 
 

@@ -20,8 +20,8 @@ stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
 DETACHED=${DETACHED:-/root/qlr-detached}
 pack() {  # what the jobs in $BENCH wrote so far, finished or not, as $OUT/results.tgz
-  (cd "$BENCH" && tar czf "$OUT/results.tgz" protocol.json $(ls permuted_ranks.json 2>/dev/null) \
-    $(ls jobs/*/result.json jobs/*/ranks.json jobs/*/ranks.png jobs/*/log.txt jobs/*/peft_crosscheck.json 2>/dev/null) \
+  (cd "$BENCH" && tar czf "$OUT/results.tgz" protocol.json \
+    $(ls jobs/*/result.json jobs/*/permuted_ranks.json jobs/*/ranks.json jobs/*/ranks.png jobs/*/log.txt jobs/*/peft_crosscheck.json 2>/dev/null) \
     2>/dev/null)
 }
 if [ -f results.tgz ] && [ ! -d "$BENCH/jobs" ]; then tar xzf results.tgz -C "$BENCH"; fi
