@@ -154,6 +154,10 @@ def test_final_stage_runs_at_the_chosen_rates_and_permutes_within_each_projectio
     for projection in ("q_proj", "o_proj", "up_proj"):
         got = sorted(r["hard_rank"] for r in permuted if r["module"].endswith(projection))
         assert got == sorted(r["hard_rank"] for r in learned if r["module"].endswith(projection))
+    # A control at another rate retrains the ranks of LR-LoRA's seed-0 run at that rate, not the chosen one's.
+    for method, name in (("learned_ranks_fixed", "ranks.json"), ("permuted_ranks_fixed", "permuted_ranks.json")):
+        ranks_file = recipe_for(directory, Job(method, 1, 1e-3), read_protocol(directory)).adapter.ranks_file
+        assert ranks_file == str(directory / "jobs" / "lr_lora_budget-lr0.001-s0" / name)
     with pytest.raises(QLRError, match="has no finished run of"):
         stage_jobs(bench_dir(tmp_path / "x", sweep[:2]), "final", read_protocol(directory))
 
