@@ -40,8 +40,14 @@ class ModelConfig:
     # With train.gradient_checkpointing: keep each decoder block's input in pinned CPU memory, not on the GPU
     # (qlrlora/offload.py); the memory that grows with the sequence, for a little PCIe traffic.
     offload_checkpoints: bool = False
+    # With train.gradient_checkpointing: how many decoder blocks checkpoint (the first ones); the others keep
+    # their activations and are not recomputed, about a quarter of their step's work, for that memory. Unset: all.
+    checkpoint_layers: int | None = None
 
     def validate(self, where: str) -> None:
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
+            raise ConfigError(f"{where}: model.checkpoint_layers: expected a number of decoder blocks >= 0, "
+                              f"got {self.checkpoint_layers}")
         if (self.name_or_path is None) == (self.init_config is None):
             raise ConfigError(f"{where}: set exactly one of model.name_or_path and model.init_config")
         if self.init_config is not None and "model_type" not in self.init_config:

@@ -1,4 +1,5 @@
-"""Gradient checkpointing that keeps each decoder block's input in pinned CPU memory instead of on the GPU.
+"""How gradient checkpointing runs: each decoder block's input kept in pinned CPU memory instead of on the GPU,
+and the number of blocks that checkpoint at all.
 
 With plain checkpointing the input of every block stays on the GPU until the backward pass
 recomputes the block: layers x tokens x hidden x 2 bytes (4 GiB for Llama-3-8B at 8 x 2048 tokens),
@@ -13,6 +14,11 @@ and later offer `activation_checkpointing_kwargs={"offload": True}`; the release
 image's 5.17 among them, do not.)
 It sets transformers' private `_gradient_checkpointing_func` of each block; tests/test_offload.py
 checks that seam.
+
+`checkpoint_first_blocks(model, n)` leaves checkpointing on in the first `n` decoder blocks only: the
+others keep their activations for the backward pass and are not recomputed. Recomputation is about a
+quarter of a checkpointed step's matrix products, so each block left out saves that share of its time
+for the memory of its activations; where the memory is there, that is the trade to make.
 """
 
 from __future__ import annotations
@@ -71,19 +77,40 @@ def offloaded_checkpoint(function, hidden, *rest):
 def enable_offloaded_checkpoints(model: torch.nn.Module) -> None:
     """Make every checkpointed block of `model` offload its input, whenever checkpointing is turned on (through
     `activation_checkpointing_enable`, or `gradient_checkpointing_enable` before transformers renamed it)."""
+
+    def offload(blocks):
+        for block in blocks:
+            block._gradient_checkpointing_func = offloaded_checkpoint
+
+    _when_checkpointing_is_enabled(model, "_qlr_offloaded", offload)
+
+
+def checkpoint_first_blocks(model: torch.nn.Module, n: int) -> None:
+    """Whenever checkpointing is turned on, keep it on in the first `n` decoder blocks of `model` only."""
+
+    def limit(blocks):
+        for block in blocks[n:]:
+            block.gradient_checkpointing = False
+
+    _when_checkpointing_is_enabled(model, "_qlr_limited", limit)
+
+
+def _when_checkpointing_is_enabled(model: torch.nn.Module, marker: str, hook) -> None:
+    """Wrap the methods that turn checkpointing on so that each then calls `hook(blocks)`, with the decoder blocks
+    that checkpoint, in model order; `marker` keeps a second call from wrapping twice."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     for method in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
         original = getattr(model, method, None)
-        if original is None or getattr(original, "_qlr_offloaded", False):
+        if original is None or getattr(original, marker, False):
             continue
 
         @functools.wraps(original)
         def enable(*args, _original=original, **kwargs):
             _original(*args, **kwargs)
-            for module in model.modules():
-                if getattr(module, "gradient_checkpointing", False):
-                    module._gradient_checkpointing_func = offloaded_checkpoint
+            hook([m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing])
 
-        enable._qlr_offloaded = True
+        setattr(enable, marker, True)
         setattr(model, method, enable)
 
 

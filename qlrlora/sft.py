@@ -148,6 +148,9 @@ def build_trainer(recipe: Recipe, loaded: tuple | None = None):
     if recipe.model.offload_checkpoints and not checkpointing:
         raise QLRError(f"{recipe.source}: model.offload_checkpoints: offloads what gradient checkpointing keeps; "
                        "set train.gradient_checkpointing: true as well")
+    if recipe.model.checkpoint_layers is not None and not checkpointing:
+        raise QLRError(f"{recipe.source}: model.checkpoint_layers: says how many blocks gradient checkpointing "
+                       "covers; set train.gradient_checkpointing: true as well")
     if loaded is None:
         model, tokenizer = load_backbone(recipe.model, device_map="cpu" if args.use_cpu else None)
         layers = inject_adapters(model, recipe.adapter)
@@ -157,6 +160,10 @@ def build_trainer(recipe: Recipe, loaded: tuple | None = None):
         from qlrlora.offload import enable_offloaded_checkpoints
 
         enable_offloaded_checkpoints(model)
+    if recipe.model.checkpoint_layers is not None:
+        from qlrlora.offload import checkpoint_first_blocks
+
+        checkpoint_first_blocks(model, recipe.model.checkpoint_layers)
     trainer = QLRSFTTrainer(
         model=model,
         args=args,

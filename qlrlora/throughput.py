@@ -21,12 +21,15 @@ Configurations (`CONFIGS`):
   keeps its own fused LM head, so the logits are never materialised in any configuration);
 - `qlr_*_offload`, `qlr_*_liger_offload`: the checkpointed blocks' inputs kept in CPU memory
   (`model.offload_checkpoints`), without or with Liger's kernels.
+- `*_ckpt<N>`: gradient checkpointing in the first N of the 32 decoder blocks only
+  (`model.checkpoint_layers`); `*_ckpt0`: no checkpointing at all (`gradient_checkpointing: false`,
+  which the stock stack offers as well).
 - `unsloth`: Unsloth's `FastLanguageModel` in 4 bits with its LoRA (r 16, alpha 32, dropout 0, the seven
   projections) and its own gradient checkpointing, trained by TRL's SFTTrainer; its process imports
   unsloth first. Unsloth needs a GPU, and its releases pin TRL and datasets below what the other
   configurations use, so it may need a site of its own first on PYTHONPATH.
-Every configuration uses gradient checkpointing (non-reentrant; Unsloth its own), AdamW and a constant
-learning rate.
+Every other configuration checkpoints every block (non-reentrant; Unsloth its own); all use AdamW and a
+constant learning rate.
 
 Measured per run: tokens per second (TRL's count of trained tokens over the timed steps), the
 median step time after the first 3 steps (and per rank phase for learned ranks: at r_max during the
@@ -101,6 +104,10 @@ CONFIGS = {**_BASE_CONFIGS, **{f"{name}_liger": spec for name, spec in _BASE_CON
               for kernels in ("", "_liger")},
            # Unsloth brings its own kernels; its documentation's settings (dropout 0 is its fast path).
            "unsloth": ("unsloth", {"r": 16, "alpha": 32.0, "dropout": 0.0})}
+CONFIGS.update({f"{name}_ckpt0": CONFIGS[name] for name in ("stock_peft", "stock_peft_liger", "qlr_learned",
+                                                              "qlr_learned_liger")})
+CONFIGS.update({f"{name}_ckpt{n}": CONFIGS[name] for name in ("qlr_learned", "qlr_learned_liger", "qlr_learned_offload",
+                                                             "qlr_learned_liger_offload") for n in (8, 16, 24)})
 # Unsloth patches transformers and TRL when it is imported, so its process imports it before anything else.
 UNSLOTH_FIRST = "import sys, unsloth; from qlrlora.throughput import main; sys.exit(main(sys.argv[1:]))"
 UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -186,24 +193,26 @@ def _limit_memory(memory_gib: float) -> None:
 
 
 def _recipe(stack_settings: dict, model_path: str, rows: Path, out: Path, micro_batch: int, seq: int, steps: int,
-            liger: bool, offload: bool, optim: str, use_cpu: bool):
+            liger: bool, offload: bool, checkpointed: int | None, optim: str, use_cpu: bool):
     from qlrlora.config import recipe_from_dict
 
     adapter = {"targets": "all-linear", "r_max": stack_settings["r_max"], "alpha": stack_settings["alpha"],
                "dropout": stack_settings["dropout"], "dtype": "bfloat16"}
     raw = {
         "model": {"name_or_path": model_path, "quantize": "nf4", "double_quant": True, "dtype": "bfloat16",
-                  "attn_implementation": "sdpa", "offload_checkpoints": offload},
+                  "attn_implementation": "sdpa", "offload_checkpoints": offload,
+                  "checkpoint_layers": checkpointed or None},
         "adapter": adapter,
         "rank": stack_settings.get("rank", {"mode": "fixed"}),
         "data": {"dataset": str(rows)},
-        "train": _train_settings(micro_batch, seq, steps, liger, optim, use_cpu),
+        "train": _train_settings(micro_batch, seq, steps, liger, checkpointed != 0, optim, use_cpu),
         "output": {"dir": str(out), "overwrite": True},
     }
     return recipe_from_dict(raw, "<bench_throughput>")
 
 
-def _train_settings(micro_batch: int, seq: int, steps: int, liger: bool, optim: str, use_cpu: bool) -> dict:
+def _train_settings(micro_batch: int, seq: int, steps: int, liger: bool, checkpointing: bool, optim: str,
+                    use_cpu: bool) -> dict:
     settings = {
         "max_steps": steps,
         "learning_rate": 2e-4,
@@ -212,7 +221,7 @@ def _train_settings(micro_batch: int, seq: int, steps: int, liger: bool, optim: 
         "max_length": seq,
         "bf16": not use_cpu,
         "use_cpu": use_cpu,
-        "gradient_checkpointing": True,
+        "gradient_checkpointing": checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
         "optim": optim,
         "logging_steps": 1,
@@ -270,9 +279,11 @@ def build(name: str, model_path: str, rows: Path, out: Path, micro_batch: int, s
     if name not in CONFIGS:
         raise QLRError(f"configuration {name!r}: expected one of {', '.join(CONFIGS)}")
     stack, settings = CONFIGS[name]
-    liger, offload, use_cpu = "_liger" in name, name.endswith("_offload"), not torch.cuda.is_available()
+    liger, offload, use_cpu = "_liger" in name, "_offload" in name, not torch.cuda.is_available()
+    checkpointed = checkpointed_blocks(name)
     if stack == "qlr":
-        recipe = _recipe(settings, model_path, rows, out, micro_batch, seq, steps, liger, offload, optim, use_cpu)
+        recipe = _recipe(settings, model_path, rows, out, micro_batch, seq, steps, liger, offload, checkpointed, optim,
+                         use_cpu)
         loaded = None
         if previous is not None:  # train the same model again, its ranks back at r_max
             loaded = (previous.model, previous.processing_class, previous.layers)
@@ -283,7 +294,7 @@ def build(name: str, model_path: str, rows: Path, out: Path, micro_batch: int, s
     from transformers import set_seed
 
     set_seed(0)
-    train = _train_settings(micro_batch, seq, steps, liger, optim, use_cpu)
+    train = _train_settings(micro_batch, seq, steps, liger, checkpointed != 0, optim, use_cpu)
     if stack == "unsloth":  # Unsloth checkpoints with its own; left unset, TRL's SFTConfig turns on its own too
         train = {**{k: v for k, v in train.items() if k != "gradient_checkpointing_kwargs"},
                  "gradient_checkpointing": False}
@@ -294,6 +305,12 @@ def build(name: str, model_path: str, rows: Path, out: Path, micro_batch: int, s
     model, tokenizer = load_backbone(ModelConfig(name_or_path=model_path, attn_implementation="sdpa"),
                                      device_map="cpu" if use_cpu else None)
     return _peft_trainer(settings, model, tokenizer, rows, out, train)
+
+
+def checkpointed_blocks(name: str) -> int | None:
+    """How many decoder blocks configuration `name` checkpoints: N for `*_ckpt<N>`, None for every one."""
+    head, _, n = name.rpartition("_ckpt")
+    return int(n) if head and n.isdigit() else None
 
 
 def _gib(n: float) -> float:

@@ -40,6 +40,17 @@ def test_each_configuration_trains_and_reports_its_figures(tmp_path, tiny_model,
     assert phases == ({"fixed"} if name == "stock_peft" else {"pruning", "frozen"}), phases
 
 
+@pytest.mark.parametrize(("name", "blocks"), [("stock_peft_ckpt0", 0), ("qlr_learned_ckpt0", 0), ("qlr_learned_ckpt8", 8),
+                                              ("qlr_learned_offload_ckpt16", 16), ("qlr_learned_offload", None)])
+def test_ckpt_configurations_checkpoint_no_block_or_the_first_n(tmp_path, tiny_model, name, blocks):
+    assert throughput.checkpointed_blocks(name) == blocks
+    rows = throughput.synthetic_rows(tmp_path / "rows.jsonl", 4, 96)
+    trainer = throughput.build(name, tiny_model, rows, tmp_path / "out", 2, 96, 2)
+    assert trainer.args.gradient_checkpointing is (blocks != 0)
+    assert getattr(trainer.model.gradient_checkpointing_enable, "_qlr_limited", False) is bool(blocks)
+    assert getattr(trainer.model.gradient_checkpointing_enable, "_qlr_offloaded", False) is ("_offload" in name)
+
+
 def test_tokens_are_counted_from_the_rows_where_the_trainer_logs_none(tmp_path, tiny_model):
     """Unsloth's trainer logs no `num_tokens`: the count from the sequences trained is TRL's logged one."""
     rows = throughput.synthetic_rows(tmp_path / "rows.jsonl", 6, 96)

@@ -6,6 +6,8 @@
 #   RUNS=/root/qlr-runs2 bash docs/benchmarks/throughput/run.sh offload  # offloaded checkpoints, beside stock
 #   RUNS=/root/qlr-runs3 bash docs/benchmarks/throughput/run.sh seq24fine  # the 24 GiB limits in finer steps
 #   bash docs/benchmarks/throughput/run.sh unsloth  # Unsloth beside the stock stack (its site: UNSLOTH_SITE)
+#   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt2  # checkpointing fewer blocks, micro-batch 2
+#   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt8  # the same at micro-batch 8
 # Stages add to the same OUT/throughput/throughput.json (kept on the warm machine under $RUNS); each call
 # returns it and the logs as one archive.
 set -uo pipefail
@@ -37,6 +39,12 @@ offload)  # a separate RUNS: stock_peft measured again beside the offloaded runs
   bench --micro-batches 8 --steps 12 --configs stock_peft qlr_learned_offload qlr_learned_liger_offload --max-seq
   bench --micro-batches 2 --steps 16 --configs stock_peft qlr_learned_liger_offload \
     --max-seq qlr_learned_liger_offload qlr_learned_liger ;;
+ckpt2)  # checkpointing 16 or none of the 32 blocks, beside the stock stack with and without checkpointing
+  bench --micro-batches 2 --steps 16 --configs stock_peft stock_peft_ckpt0 stock_peft_liger_ckpt0 qlr_learned_liger \
+    qlr_learned_liger_ckpt16 qlr_learned_liger_offload_ckpt16 qlr_learned_liger_ckpt0 --max-seq ;;
+ckpt8)
+  bench --micro-batches 8 --steps 12 --configs stock_peft stock_peft_ckpt0 qlr_learned_liger qlr_learned_liger_ckpt16 \
+    qlr_learned_liger_offload_ckpt16 qlr_learned_liger_ckpt0 --max-seq ;;
 unsloth)  # Unsloth's site goes first on PYTHONPATH for its own runs only; the stock stack keeps the image's
   site=${UNSLOTH_SITE:-/root/qlr-stage/unsloth}
   for spec in 8:12 2:16; do
