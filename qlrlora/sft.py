@@ -257,9 +257,11 @@ def _prepare_output_dir(recipe: Recipe) -> Path | None:
 
 def _quiet_environment() -> None:
     # No telemetry pings from a training job, and no warning on every CPU run about an optional kernel
-    # that bitsandbytes would fetch from the Hub.
+    # that bitsandbytes would fetch from the Hub, nor, where the `kernels` package is installed and the Hub
+    # is offline, about the publisher check that lookup skips.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":
