@@ -23,8 +23,8 @@ def loss_and_grads(offload: bool, autocast: bool, checkpointed_blocks: int | Non
         enable_offloaded_checkpoints(model)
     if checkpointed_blocks is not None:
         checkpoint_first_blocks(model, checkpointed_blocks)
-    for i, block in enumerate(model.model.layers):
-        if calls is not None:
+    if calls is not None:
+        for i, block in enumerate(model.model.layers):
             block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
