@@ -50,8 +50,10 @@ CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed")
 METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_penalty", *CONTROLS)
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
 # (method, baseline) compared seed by seed: a seed fixes the data order, so each pair saw the same rows.
+# LR-LoRA against its own final ranks retrained from scratch asks whether learning the ranks during training
+# (from r_max down) helps beyond the allocation it ends with.
 PAIRS = (("lr_lora_budget", "lora"), ("lr_lora_budget", "dora"), ("lr_lora_budget", "adalora"),
-         ("lr_lora_budget_rslora", "lora_rslora"),
+         ("lr_lora_budget_rslora", "lora_rslora"), ("lr_lora_budget", "learned_ranks_fixed"),
          ("learned_ranks_fixed", "permuted_ranks_fixed"), ("learned_ranks_fixed", "uniform_fixed"))
 
 

@@ -209,7 +209,10 @@ def test_methods_are_compared_with_their_baselines_seed_by_seed(tmp_path):
                result("learned_ranks_fixed", 1e-3, 0, 0.5, avg=0.42), result("uniform_fixed", 1e-3, 0, 0.4, avg=0.40)]
     summary = summarize(bench_dir(tmp_path, results))
     pairs = {(p["method"], p["baseline"]): p for p in summary["paired"]}
-    assert set(pairs) == {("lr_lora_budget", "lora"), ("lr_lora_budget", "dora"), ("learned_ranks_fixed", "uniform_fixed")}
+    assert set(pairs) == {("lr_lora_budget", "lora"), ("lr_lora_budget", "dora"), ("lr_lora_budget", "learned_ranks_fixed"),
+                          ("learned_ranks_fixed", "uniform_fixed")}
+    assert pairs["lr_lora_budget", "learned_ranks_fixed"]["validation"]["per_seed"] == pytest.approx([-0.01])
+    assert pairs["lr_lora_budget", "learned_ranks_fixed"]["heldout"]["per_seed"] == pytest.approx([-0.07])
     assert pairs["lr_lora_budget", "dora"]["validation"]["per_seed"] == pytest.approx([-0.04, 0.05])
     ours = pairs["lr_lora_budget", "lora"]
     assert ours["seeds"] == [0, 1]
