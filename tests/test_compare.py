@@ -516,3 +516,17 @@ def test_run_sh_start_returns_at_once_and_wait_brings_back_what_its_jobs_did(tmp
     assert '"base": "done"' in (later / "jobs.log").read_text()
     with tarfile.open(later / "results.tgz") as packed:
         assert {"jobs/base/result.json", "jobs/lora-lr0.001-s0/result.json"} <= set(packed.getnames())
+
+
+def test_run_sh_wait_on_a_new_machine_stops_at_once(tmp_path):
+    """A `wait` call that lands on a new machine (the one that ran `start` went back) has no jobs to wait for:
+    it says so and stops at once instead of spending the call's device time."""
+    import os
+
+    env = {**os.environ, "BENCH": str(tmp_path / "bench"), "DETACHED": str(tmp_path / "detached"),
+           "OUT": str(tmp_path)}
+    wait = subprocess.run(["bash", "docs/benchmarks/commonsense/run.sh", "wait", "300"], check=False, env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert wait.returncode == 3, wait.stdout + wait.stderr
+    assert "no jobs were started on this machine" in wait.stderr
+    assert not (tmp_path / "results.tgz").exists()

@@ -13,8 +13,8 @@
 # `start` runs `jobs` from a copy of the code (not of the venvs or staged data beside it) in a process session of its own, which runs on after the call
 # returns while the machine stays warm (30 s after a call): a job longer than one call (AdaLoRA's cannot
 # resume) then needs no resume, as long as a `wait` call follows each call at once. A `wait` call that came later
-# lost three batches with the machine: where the jobs fit, prefer `jobs` ending within one call (two three-pass
-# jobs side by side do).
+# lost four batches with the machine: where the jobs fit, prefer `jobs` ending within one call (two three-pass
+# jobs side by side do). `wait` on a new machine stops at once (exit 3) rather than wait for jobs that are gone.
 set -uo pipefail
 stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
@@ -35,6 +35,10 @@ if [ "$stage" = start ]; then
   echo "started: $DETACHED/out/console.log"; exit 0
 fi
 if [ "$stage" = wait ]; then
+  if [ ! -d "$DETACHED/out" ]; then  # a new machine: waiting would spend the call's device time on nothing
+    echo "run.sh wait: no jobs were started on this machine ($DETACHED/out is missing): it is a new one, and the jobs of the earlier start went back with the old one; stage again and start them again" >&2
+    exit 3
+  fi
   end=$((SECONDS + deadline)) packed=0
   until [ -f "$DETACHED/out/finished" ] || [ $SECONDS -ge $end ]; do  # every 30 s: a call cut short keeps it
     if [ $SECONDS -ge $((packed + 30)) ]; then cp "$DETACHED"/out/*.log "$OUT"/ 2>/dev/null; pack; packed=$SECONDS; fi
