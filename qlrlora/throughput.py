@@ -445,8 +445,12 @@ def _versions() -> dict:
 
 
 def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int], seq: int, steps: int,
-            max_seq_configs: list[str], memory_gib: float, timeout: int, command: str) -> dict:
-    """Every (configuration, micro-batch) in its own process, one after the other; then the 24 GiB searches."""
+            max_seq_configs: list[str], memory_gib: float, timeout: int, command: str,
+            cap_gib: float | None = None) -> dict:
+    """Every (configuration, micro-batch) in its own process, one after the other; then the 24 GiB searches.
+
+    `cap_gib` holds every timed run to that much GPU memory, as a card of that size would: a configuration
+    that does not fit fails with the allocator's out-of-memory error, which the report shows."""
     import torch
 
     from qlrlora.assets import build_from_config
@@ -462,6 +466,7 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "command": command, "date": time.strftime("%Y-%m-%d"), "model": model, "model_config": MODELS[model],
         "seq": seq, "bf16_matmul_peak_tflops": peak, "model_build_s": round(build_s, 1), "versions": _versions(),
+        "cap_gib": cap_gib,
     })
     jobs = [("one", name, mb) for mb in micro_batches for name in configs]
     jobs += [("max_seq", name, 1) for name in max_seq_configs]
@@ -476,6 +481,8 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
                 "--micro-batch", str(mb), "--seq", str(seq), "--steps", str(steps), "--work", str(out / "work")]
         if kind == "max_seq":
             argv += ["--memory-gib", str(memory_gib)]
+        elif cap_gib:
+            argv += ["--memory-gib", str(cap_gib)]
         began = time.perf_counter()
         with open(log, "w") as f:
             try:
@@ -533,7 +540,10 @@ def format_report(report: dict) -> str:
     table = configs_table(report)
     lines = [f"{report['gpu']}, {report['model']}, sequence {report['seq']}; bf16 matmul peak "
              f"{report['bf16_matmul_peak_tflops']:.0f} TFLOP/s" if report.get("bf16_matmul_peak_tflops") else
-             f"{report['gpu']}, {report['model']}, sequence {report['seq']}", ""]
+             f"{report['gpu']}, {report['model']}, sequence {report['seq']}"]
+    if report.get("cap_gib"):
+        lines[0] += f"; every timed run held to {report['cap_gib']:g} GiB of GPU memory"
+    lines.append("")
     head = ["config", "micro-batch", "tokens/s", "vs stock", "step s", "peak alloc GiB", "peak reserved GiB",
             "model GiB", "non-weight GiB", "vs stock", "MFU", "max seq @24 GiB"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -644,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="configurations whose longest sequence within --memory-gib is searched")
     every.add_argument("--memory-gib", type=float, default=24.0)
     every.add_argument("--timeout", type=int, default=600, help="seconds for one process")
+    every.add_argument("--cap-gib", type=float, help="hold every timed run to this much GPU memory (a smaller card)")
     for name in ("one", "max_seq"):
         p = sub.add_parser(name)
         p.add_argument("config", choices=list(CONFIGS))
@@ -683,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "all":
             command = " ".join(["python", "tools/bench_throughput.py", *(sys.argv[1:] if argv is None else argv)])
             run_all(args.out, args.model, args.configs, args.micro_batches, args.seq, args.steps, args.max_seq,
-                    args.memory_gib, args.timeout, command)
+                    args.memory_gib, args.timeout, command, args.cap_gib)
             print(format_report(json.loads((args.out / "throughput.json").read_text())))
             return 0
         from qlrlora.assets import build_from_config

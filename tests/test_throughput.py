@@ -118,6 +118,15 @@ def test_report_and_summary_print_ratios_from_the_files(tmp_path):
     assert "| stock_peft | 24.0 | 4096: out of memory | none of those tried |" in table
 
 
+def test_a_memory_cap_reaches_every_timed_run_and_the_report(tmp_path):
+    """`all --cap-gib` holds each timed run to a smaller card: every run's process gets the limit and records
+    it, and the report's heading says so (on the CPU the limit is recorded, not enforced)."""
+    report = throughput.run_all(tmp_path, "tiny", ["qlr_fixed"], [2], 96, 2, [], 24.0, 300, "test", cap_gib=20.0)
+    assert report["runs"]["qlr_fixed@2"]["memory_limit_gib"] == 20.0, report["runs"]
+    assert report["cap_gib"] == 20.0
+    assert "every timed run held to 20 GiB of GPU memory" in throughput.format_report(report).splitlines()[0]
+
+
 def test_a_configuration_that_cannot_run_here_is_one_line_in_the_report(tmp_path):
     """Unsloth runs in its own process, which imports it first; where it cannot be imported (no GPU, not
     installed) the run records why in one line and the report says so, instead of the whole run failing."""

@@ -8,6 +8,7 @@
 #   bash docs/benchmarks/throughput/run.sh unsloth  # Unsloth beside the stock stack (its site: UNSLOTH_SITE)
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt2  # checkpointing fewer blocks, micro-batch 2
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt8  # the same at micro-batch 8
+#   RUNS=/root/qlr-runs5 bash docs/benchmarks/throughput/run.sh cap24  # micro-batch 2 and 4, every run held to 24 GiB
 # Stages add to the same OUT/throughput/throughput.json (kept on the warm machine under $RUNS); each call
 # returns it and the logs as one archive.
 set -uo pipefail
@@ -45,6 +46,10 @@ ckpt2)  # checkpointing 16 or none of the 32 blocks, beside the stock stack with
 ckpt8)
   bench --micro-batches 8 --steps 12 --configs stock_peft stock_peft_ckpt0 qlr_learned_liger qlr_learned_liger_ckpt16 \
     qlr_learned_liger_offload_ckpt16 qlr_learned_liger_ckpt0 --max-seq ;;
+cap24)  # ckpt2's micro-batch 2 runs in the other order, now held to a 24 GiB card; micro-batch 4 (the 24 GB recipe's)
+  bench --cap-gib 24 --micro-batches 2 --steps 16 --configs qlr_learned_liger_offload_ckpt16 qlr_learned_liger_ckpt16 \
+    stock_peft --max-seq
+  bench --cap-gib 24 --micro-batches 4 --steps 12 --configs stock_peft qlr_learned_liger_offload_ckpt24 --max-seq ;;
 unsloth)  # Unsloth's site goes first on PYTHONPATH for its own runs only; the stock stack keeps the image's
   site=${UNSLOTH_SITE:-/root/qlr-stage/unsloth}
   for spec in 8:12 2:16; do
