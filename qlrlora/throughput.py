@@ -1,6 +1,6 @@
 """Throughput and memory of QLR-LoRA against the stock PEFT + bitsandbytes + TRL stack, on one GPU.
 
-    python tools/bench_throughput.py all OUT [--model llama3-8b] [--micro-batches 2 8] [--seq 2048] [--steps 20]
+    python tools/bench_throughput.py all OUT [--model llama3-8b] [--micro-batches 2 8] [--seq 2048] [--steps 20] [--cap-gib G]
     python tools/bench_throughput.py one CONFIG --json PATH [--micro-batch B] [--seq L] ...
     python tools/bench_throughput.py report OUT/throughput.json
     python tools/bench_throughput.py combine CALL1 CALL2 ... --json SUMMARY.json
@@ -45,6 +45,7 @@ FLOPs are under 1% and not counted), plus causal attention, 6 x layers x hidden 
 `--memory-gib 24` holds the process to 24 GiB (`torch.cuda.set_per_process_memory_fraction`), as a
 consumer card would; `max_seq` then trains micro-batch 1 at doubling sequence lengths (in one
 process, one model load) until one runs out of memory, and records the longest that trained.
+`all --cap-gib G` holds every timed run to G GiB the same way: a configuration that needs more fails.
 """
 
 from __future__ import annotations
