@@ -3,7 +3,7 @@
     python tools/bench_throughput.py all OUT [--model llama3-8b] [--micro-batches 2 8] [--seq 2048] [--steps 20] [--cap-gib G]
     python tools/bench_throughput.py one CONFIG --json PATH [--micro-batch B] [--seq L] ...
     python tools/bench_throughput.py report OUT/throughput.json
-    python tools/bench_throughput.py combine CALL1 CALL2 ... --json SUMMARY.json
+    python tools/bench_throughput.py combine CALL1 CALL2 ... --json SUMMARY.json [--searches MAX_SEQ.json ...]
     python tools/bench_throughput.py searches MAX_SEQ.json ...
 
 `all` runs every configuration as its own process, one after the other (never side by side: the
@@ -28,8 +28,8 @@ Configurations (`CONFIGS`):
   projections) and its own gradient checkpointing, trained by TRL's SFTTrainer; its process imports
   unsloth first. Unsloth needs a GPU, and its releases pin TRL and datasets below what the other
   configurations use, so it may need a site of its own first on PYTHONPATH.
-Every other configuration checkpoints every block (non-reentrant; Unsloth its own); all use AdamW and a
-constant learning rate.
+Every other configuration checkpoints every block (non-reentrant; Unsloth its own); all use AdamW, a
+constant learning rate and one micro-batch per optimizer step (Unsloth's own default is two).
 
 Measured per run: tokens per second (TRL's count of trained tokens over the timed steps), the
 median step time after the first 3 steps (and per rank phase for learned ranks: at r_max during the
@@ -44,7 +44,9 @@ FLOPs are under 1% and not counted), plus causal attention, 6 x layers x hidden 
 
 `--memory-gib 24` holds the process to 24 GiB (`torch.cuda.set_per_process_memory_fraction`), as a
 consumer card would; `max_seq` then trains micro-batch 1 at doubling sequence lengths (in one
-process, one model load) until one runs out of memory, and records the longest that trained.
+process, one model load; Unsloth one per length, as it fixes the longest sequence when it loads) until
+one runs out of memory or is cut short by the trainer (the longest input the model was given, seen by a
+forward hook, is shorter than the row), and records the longest that trained.
 `all --cap-gib G` holds every timed run to G GiB the same way: a configuration that needs more fails.
 """
 
@@ -219,6 +221,7 @@ def _train_settings(micro_batch: int, seq: int, steps: int, liger: bool, checkpo
         "learning_rate": 2e-4,
         "lr_scheduler_type": "constant",
         "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": 1,  # TRL's default; Unsloth's patched SFTConfig defaults to 2
         "max_length": seq,
         "bf16": not use_cpu,
         "use_cpu": use_cpu,
@@ -335,7 +338,9 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     model_bytes = torch.cuda.memory_allocated() if cuda else 0
+    given = _LongestInput(trainer.model)
     trainer.train()
+    given.remove()
     history = trainer.state.log_history
     tokens = tokens_trained(trainer)
     timed = timer.times[3:] if len(timer.times) > 3 else timer.times
@@ -352,6 +357,7 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         "steps": trainer.state.global_step,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "tokens_per_step": tokens / trainer.state.global_step,
+        "longest_input": given.longest,
         "tokens_per_s": round(tokens / trainer.state.global_step / step_s, 1),
         "step_s": round(step_s, 4),
         "step_s_by_phase": by_phase,
@@ -396,13 +402,19 @@ def max_seq(name: str, model_path: str, work: Path, memory_gib: float, start: in
         try:
             trainer = build(name, model_path, rows, work / f"{name}-{seq}", 1, seq, 2, optim="paged_adamw_8bit",
                             previous=previous)
+            given = _LongestInput(trainer.model)
             trainer.train()
+            given.remove()
+            if given.longest < seq - 1:  # a row trains seq - 1 tokens (synthetic_rows): the trainer cut it
+                tried[seq] = {"ok": False, "trained_tokens": given.longest}
+                break
             tried[seq] = {"ok": True, "peak_alloc_gib": _gib(torch.cuda.max_memory_allocated()) if cuda else None}
         except torch.OutOfMemoryError:
             tried[seq] = {"ok": False}
             break
         finally:
-            if trainer is not None:
+            # Unsloth sets the longest sequence it trains when it loads the model: each length loads its own
+            if trainer is not None and CONFIGS[name][0] != "unsloth":
                 previous = _Loaded(trainer)
             del trainer
             gc.collect()
@@ -412,6 +424,32 @@ def max_seq(name: str, model_path: str, work: Path, memory_gib: float, start: in
         progress(_searched(name, memory_gib, tried))
         seq = seq + step if step else seq * 2
     return _searched(name, memory_gib, tried)
+
+
+class _LongestInput:
+    """The longest sequence a model was given, seen by a forward pre-hook: what its steps really trained, whatever
+    the trainer did to the rows on the way."""
+
+    def __init__(self, model):
+        self.longest = 0
+        self._handle = model.register_forward_pre_hook(self._see, with_kwargs=True)
+
+    def _see(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.longest = max(self.longest, ids.shape[-1])
+
+    def remove(self):
+        self._handle.remove()
+
+
+def _outcome(tried: dict, peak: bool = False) -> str:
+    """One length of a search as the tables print it."""
+    if tried["ok"]:
+        return str(tried["peak_alloc_gib"]) if peak else "ok"
+    if "trained_tokens" in tried:
+        return f"only {tried['trained_tokens']} tokens reached the model"
+    return "out of memory"
 
 
 def _searched(name: str, memory_gib: float, tried: dict) -> dict:
@@ -527,10 +565,11 @@ def configs_table(report: dict) -> dict:
         row["mfu"] = round(run["tokens_per_s"] * run["flops_per_token"] / (peak * 1e12), 4) if peak else None
         row["step_s_by_phase"] = run.get("step_s_by_phase")
         if stock and "error" not in stock:
-            row["tokens_vs_stock"] = round(run["tokens_per_s"] / stock["tokens_per_s"], 3)
+            # unrounded: the tables round once, to two places (1.4946 rounded to 1.495 first would print 1.50x)
+            row["tokens_vs_stock"] = run["tokens_per_s"] / stock["tokens_per_s"]
             if row["non_weight_gib"] is not None:
                 stock_non_weight = stock["peak_alloc_gib"] - stock["model_gib"]
-                row["non_weight_vs_stock"] = round(row["non_weight_gib"] / stock_non_weight, 3)
+                row["non_weight_vs_stock"] = row["non_weight_gib"] / stock_non_weight
         searched = report.get("max_seq", {}).get(run["config"])
         row["max_seq_24gib"] = searched.get("max_seq") if searched and "error" not in searched else None
         table[key] = row
@@ -571,15 +610,16 @@ def format_report(report: dict) -> str:
             if "error" in s:
                 lines.append(f"| {name} | failed: {s['error']} | |")
                 continue
-            tried = ", ".join(f"{k}: {'ok' if v['ok'] else 'out of memory'}" for k, v in s["tried"].items())
+            tried = ", ".join(f"{k}: {_outcome(v)}" for k, v in s["tried"].items())
             lines.append(f"| {name} | {s['max_seq']} | {tried} |")
     return "\n".join(lines)
 
 
-def combine(reports: dict[str, dict], command: str) -> dict:
+def combine(reports: dict[str, dict], command: str, searches: list[dict] = ()) -> dict:
     """One summary of several calls' reports (name -> throughput.json): per configuration, its figures at each
     micro-batch with the ratios to the stock stack measured in the same call, and its longest sequence within the
-    memory limit. A run measured in several calls is kept from the first, with the others' tokens/s as repeats."""
+    memory limit. A run measured in several calls is kept from the first, with the others' tokens/s as repeats.
+    `searches`: `max_seq` results run on their own; each replaces the calls' search of its configuration."""
     configs: dict[str, dict] = {}
     for call, report in reports.items():
         for row in configs_table(report).values():
@@ -596,6 +636,9 @@ def combine(reports: dict[str, dict], command: str) -> dict:
             if "error" not in searched:
                 configs.setdefault(name, {"micro_batch": {}})["max_seq_24gib"] = searched["max_seq"]
                 configs[name]["max_seq_tried"] = searched["tried"]
+    for searched in searches:
+        entry = configs.setdefault(searched["config"], {"micro_batch": {}})
+        entry["max_seq_24gib"], entry["max_seq_tried"] = searched["max_seq"], searched["tried"]
     for entry in configs.values():
         headline = entry["micro_batch"].get("8") or next(iter(entry["micro_batch"].values()), {})
         for key in ("tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "model_gib", "mfu"):
@@ -625,7 +668,7 @@ def format_combined(summary: dict) -> str:
     lines += ["", "| config | longest sequence at micro-batch 1 in 24 GiB | tried |", "| --- | --- | --- |"]
     for name, entry in summary["configs"].items():
         if entry.get("max_seq_24gib"):
-            tried = ", ".join(f"{k}: {'ok' if v['ok'] else 'out of memory'}" for k, v in entry["max_seq_tried"].items())
+            tried = ", ".join(f"{k}: {_outcome(v)}" for k, v in entry["max_seq_tried"].items())
             lines.append(f"| {name} | {entry['max_seq_24gib']} | {tried} |")
     return "\n".join(lines)
 
@@ -634,7 +677,7 @@ def format_searches(searches: list[dict]) -> str:
     """The table of `max_seq` results (their JSON files): each length tried, its peak memory, the longest that trained."""
     lines = ["| config | memory limit GiB | tried (peak allocated GiB) | longest that trained |", "| --- | --- | --- | --- |"]
     for s in searches:
-        tried = ", ".join(f"{k}: {v['peak_alloc_gib']}" if v["ok"] else f"{k}: out of memory" for k, v in s["tried"].items())
+        tried = ", ".join(f"{k}: {_outcome(v, peak=True)}" for k, v in s["tried"].items())
         lines.append(f"| {s['config']} | {s['memory_limit_gib']} | {tried} | {s['max_seq'] or 'none of those tried'} |")
     return "\n".join(lines)
 
@@ -676,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     merged = sub.add_parser("combine", help="one summary of several calls' throughput.json files")
     merged.add_argument("calls", nargs="+", type=Path, help="folders holding a throughput.json, in the order they ran")
     merged.add_argument("--json", type=Path, required=True, help="where to write the summary")
+    merged.add_argument("--searches", nargs="*", type=Path, default=[],
+                        help="max_seq JSON files run on their own, each replacing the calls' search of its configuration")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
@@ -688,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "combine":
             reports = {folder.name: json.loads((folder / "throughput.json").read_text()) for folder in args.calls}
             command = " ".join(["python", "tools/bench_throughput.py", *(sys.argv[1:] if argv is None else argv)])
-            summary = combine(reports, command)
+            summary = combine(reports, command, [json.loads(f.read_text()) for f in args.searches])
             atomic_write_json(args.json, summary)
             print(format_combined(summary))
             return 0

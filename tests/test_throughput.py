@@ -36,6 +36,7 @@ def test_each_configuration_trains_and_reports_its_figures(tmp_path, tiny_model,
     result = throughput.run_one(name, tiny_model, throughput.TINY, tmp_path, micro_batch=2, seq=96, steps=8)
     assert result["steps"] == 8 and len(result["step_s_all"]) == 8 and len(result["losses"]) == 8
     assert result["tokens_per_s"] > 0 and result["tokens_per_step"] == pytest.approx(2 * (96 - 1), rel=0.02)
+    assert result["longest_input"] == 96 - 1  # each row whole, as the model was given it
     phases = set(result["step_s_by_phase"])
     assert phases == ({"fixed"} if name == "stock_peft" else {"pruning", "frozen"}), phases
 
@@ -88,6 +89,18 @@ def test_max_seq_trains_every_length_on_one_loaded_model(tmp_path, tiny_model, m
     assert loads == [True, False, False] and len(seen) == 3
 
 
+def test_max_seq_counts_only_lengths_the_model_was_given_in_full(tmp_path, tiny_model, monkeypatch):
+    """A length whose steps gave the model shorter sequences than asked for (Unsloth cut them to the length its
+    model was loaded for, and trained without running out of memory) is not counted as trained: the search
+    records what the model was given, seen in its forward pass. Here the rows stop growing at 160 tokens."""
+    real = throughput.synthetic_rows
+    monkeypatch.setattr(throughput, "synthetic_rows", lambda path, rows, tokens: real(path, rows, min(tokens, 160)))
+    result = throughput.max_seq("qlr_learned", tiny_model, tmp_path, 24.0, start=128, limit=512)
+    assert result["max_seq"] == 128 and list(result["tried"]) == [128, 256]
+    assert result["tried"][256] == {"ok": False, "trained_tokens": 159}
+    assert "256: only 159 tokens reached the model" in throughput.format_searches([result])
+
+
 def test_report_and_summary_print_ratios_from_the_files(tmp_path):
     def run(config, mb, tokens, alloc, model=5.0):
         return {"config": config, "micro_batch": mb, "tokens_per_s": tokens, "step_s": 1.0, "peak_alloc_gib": alloc,
@@ -101,7 +114,10 @@ def test_report_and_summary_print_ratios_from_the_files(tmp_path):
                                                    "8192": {"ok": False}}}}}
     second = {**first, "runs": {"stock_peft@8": run("stock_peft", 8, 990.0, 15.0)}, "max_seq": {}}
     rows = throughput.configs_table(first)
-    assert rows["qlr_learned@8"]["tokens_vs_stock"] == 1.3 and rows["qlr_learned@8"]["non_weight_vs_stock"] == 0.6
+    assert rows["qlr_learned@8"]["tokens_vs_stock"] == pytest.approx(1.3)
+    assert rows["qlr_learned@8"]["non_weight_vs_stock"] == pytest.approx(0.6)
+    third = {**first, "runs": {"stock_peft@8": run("stock_peft", 8, 7387.0, 15.0), "unsloth@8": run("unsloth", 8, 11040.6, 9.0)}}
+    assert "| unsloth | 8 | 11,041 | 1.49x |" in throughput.format_report(third)  # 1.4946, rounded once
     assert rows["qlr_learned@8"]["mfu"] == pytest.approx(1300 * 1e9 / 100e12)
     assert rows["qlr_learned@8"]["max_seq_24gib"] == 4096 and rows["stock_peft@8"]["max_seq_24gib"] is None
     assert "| qlr_learned | 8 | 1,300 | 1.30x |" in throughput.format_report(first)
@@ -112,6 +128,11 @@ def test_report_and_summary_print_ratios_from_the_files(tmp_path):
     for key in ("tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "model_gib", "mfu", "max_seq_24gib"):
         assert key in summary["configs"]["qlr_learned"], key
     assert "| qlr_learned | 4096 |" in throughput.format_combined(summary)
+    alone = {"config": "qlr_learned", "memory_limit_gib": 24.0, "max_seq": 6144,
+             "tried": {"6144": {"ok": True, "peak_alloc_gib": 22.0}, "8192": {"ok": False}}}
+    summary = throughput.combine({"one": first, "two": second}, "cmd", [alone])
+    assert summary["configs"]["qlr_learned"]["max_seq_24gib"] == 6144  # the search run on its own, not the call's
+    assert "| qlr_learned | 6144 | 6144: ok, 8192: out of memory |" in throughput.format_combined(summary)
     searched = {"config": "stock_peft", "memory_limit_gib": 24.0, "max_seq": 0, "tried": {"4096": {"ok": False}}}
     table = throughput.format_searches([first["max_seq"]["qlr_learned"], searched])
     assert "| qlr_learned | 24.0 | 2048: 10.5, 4096: 20.25, 8192: out of memory | 4096 |" in table
@@ -139,7 +160,8 @@ def test_a_configuration_that_cannot_run_here_is_one_line_in_the_report(tmp_path
 
 
 def test_unsloth_trains_with_its_own_checkpointing_only(tmp_path, monkeypatch):
-    """TRL's SFTConfig checkpoints by default; Unsloth's runs turn that off, in a fresh and in a reused model."""
+    """TRL's SFTConfig checkpoints by default; Unsloth's runs turn that off, in a fresh and in a reused model, and
+    take one micro-batch per step like the others."""
     from trl import SFTConfig
 
     seen = []
@@ -151,5 +173,6 @@ def test_unsloth_trains_with_its_own_checkpointing_only(tmp_path, monkeypatch):
     assert len(seen) == 2
     for train in seen:
         assert not SFTConfig(output_dir=str(tmp_path), **train).gradient_checkpointing
+        assert train["gradient_accumulation_steps"] == 1  # given, not left to Unsloth's SFTConfig, whose default is 2
     unset = {k: v for k, v in seen[0].items() if k != "gradient_checkpointing"}
     assert SFTConfig(output_dir=str(tmp_path), **unset).gradient_checkpointing  # what leaving it out would give
