@@ -51,9 +51,12 @@ METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
 # (method, baseline) compared seed by seed: a seed fixes the data order, so each pair saw the same rows.
 # LR-LoRA against its own final ranks retrained from scratch asks whether learning the ranks during training
-# (from r_max down) helps beyond the allocation it ends with.
+# (from r_max down) helps beyond the allocation it ends with; against the uniform rank through the same layer,
+# whether it beats the same parameters spread evenly; that uniform rank against PEFT's LoRA, whether our layer
+# at a fixed rank trains as LoRA does (what is left of a gap to LoRA is then the rank learning's).
 PAIRS = (("lr_lora_budget", "lora"), ("lr_lora_budget", "dora"), ("lr_lora_budget", "adalora"),
-         ("lr_lora_budget_rslora", "lora_rslora"), ("lr_lora_budget", "learned_ranks_fixed"),
+         ("lr_lora_budget_rslora", "lora_rslora"), ("lr_lora_penalty", "lora"), ("lr_lora_budget", "learned_ranks_fixed"),
+         ("lr_lora_budget", "uniform_fixed"), ("uniform_fixed", "lora"),
          ("learned_ranks_fixed", "permuted_ranks_fixed"), ("learned_ranks_fixed", "uniform_fixed"))
 
 

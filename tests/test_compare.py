@@ -210,7 +210,10 @@ def test_methods_are_compared_with_their_baselines_seed_by_seed(tmp_path):
     summary = summarize(bench_dir(tmp_path, results))
     pairs = {(p["method"], p["baseline"]): p for p in summary["paired"]}
     assert set(pairs) == {("lr_lora_budget", "lora"), ("lr_lora_budget", "dora"), ("lr_lora_budget", "learned_ranks_fixed"),
+                          ("lr_lora_budget", "uniform_fixed"), ("uniform_fixed", "lora"),
                           ("learned_ranks_fixed", "uniform_fixed")}
+    assert pairs["lr_lora_budget", "uniform_fixed"]["validation"]["per_seed"] == pytest.approx([0.01])
+    assert pairs["uniform_fixed", "lora"]["validation"]["per_seed"] == pytest.approx([0.0])
     assert pairs["lr_lora_budget", "learned_ranks_fixed"]["validation"]["per_seed"] == pytest.approx([-0.01])
     assert pairs["lr_lora_budget", "learned_ranks_fixed"]["heldout"]["per_seed"] == pytest.approx([-0.07])
     assert pairs["lr_lora_budget", "dora"]["validation"]["per_seed"] == pytest.approx([-0.04, 0.05])
