@@ -1,6 +1,6 @@
 """Throughput and memory of QLR-LoRA against the stock PEFT + bitsandbytes + TRL stack, on one GPU.
 
-    python tools/bench_throughput.py all OUT [--model llama3-8b] [--micro-batches 2 8] [--seq 2048] [--steps 20] [--cap-gib G]
+    python tools/bench_throughput.py all OUT [--model llama3-8b] [--micro-batches 2 8] [--seq 2048] [--steps 20] [--cap-gib G] [--profile]
     python tools/bench_throughput.py one CONFIG --json PATH [--micro-batch B] [--seq L] ...
     python tools/bench_throughput.py report OUT/throughput.json
     python tools/bench_throughput.py combine CALL1 CALL2 ... --json SUMMARY.json [--searches MAX_SEQ.json ...]
@@ -48,6 +48,9 @@ process, one model load; Unsloth one per length, as it fixes the longest sequenc
 one runs out of memory or is cut short by the trainer (the longest input the model was given, seen by a
 forward hook, is shorter than the row), and records the longest that trained.
 `all --cap-gib G` holds every timed run to G GiB the same way: a configuration that needs more fails.
+`all --profile` (`one --profile DIR`) traces one step of each rank phase with torch.profiler and writes, per
+phase, its operators by device time, its operator count and the events that hold the host back; those
+steps are left out of the timing.
 """
 
 from __future__ import annotations
@@ -179,6 +182,58 @@ class StepTimes(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         _synchronize()
         self.times.append(time.perf_counter() - self.last)
+
+
+class PhaseProfiles(TrainerCallback):
+    """A torch.profiler trace of one step in each rank phase (the first from step `skip` on), written to `out` as
+    `<phase>.txt`, its operators by their own device time (CPU time without a GPU), and `<phase>.json`: the
+    number of operators the step ran, the events that hold the host back (synchronisations, copies to the
+    host, allocations) and the top operators. `steps` lists the profiled steps, which the timing leaves out."""
+
+    STALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "Memcpy DtoH", "cudaMalloc",
+              "cudaFree")
+
+    def __init__(self, phase, out: Path, skip: int = 3):
+        self.phase, self.out, self.skip = phase, out, skip
+        self.steps, self._done, self._active, self._step = [], set(), None, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import torch
+
+        phase = self.phase()
+        if self._step >= self.skip and phase not in self._done:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._active = (phase, torch.profiler.profile(activities=activities))
+            self._active[1].__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._active is not None:
+            _synchronize()
+            phase, profile = self._active
+            profile.__exit__(None, None, None)
+            self._write(phase, profile.key_averages())
+            self._done.add(phase)
+            self.steps.append(self._step)
+            self._active = None
+        self._step += 1
+
+    def _write(self, phase: str, events) -> None:
+        import torch
+
+        device = torch.cuda.is_available()
+        own = (lambda e: getattr(e, "self_device_time_total", 0)) if device else (lambda e: e.self_cpu_time_total)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"{phase}.txt").write_text(
+            events.table(sort_by="self_cuda_time_total" if device else "self_cpu_time_total", row_limit=40))
+        top = sorted(events, key=own, reverse=True)[:25]
+        atomic_write_json(self.out / f"{phase}.json", {
+            "phase": phase, "step": self._step,
+            "operators": sum(e.count for e in events if e.key.startswith("aten::")),
+            "stalls": {name: sum(e.count for e in events if name in e.key) for name in self.STALLS},
+            "top": [{"name": e.key, "count": e.count, "self_us": round(own(e), 1)} for e in top],
+        })
 
 
 def _synchronize() -> None:
@@ -322,8 +377,9 @@ def _gib(n: float) -> float:
 
 
 def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_batch: int, seq: int, steps: int,
-            memory_gib: float | None = None) -> dict:
-    """Train one configuration for `steps` steps and measure it (module docstring)."""
+            memory_gib: float | None = None, profile: Path | None = None) -> dict:
+    """Train one configuration for `steps` steps and measure it (module docstring); `profile`: a folder for a
+    profile of one step in each phase (`PhaseProfiles`; those steps are left out of the timing)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -334,6 +390,10 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
     controller = getattr(trainer, "controller", None)
     timer = StepTimes((lambda: controller.phase) if controller is not None and not controller.frozen else None)
     trainer.add_callback(timer)
+    profiles = None
+    if profile is not None:
+        profiles = PhaseProfiles(lambda: timer.phases[-1], profile)
+        trainer.add_callback(profiles)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -343,11 +403,13 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
     given.remove()
     history = trainer.state.log_history
     tokens = tokens_trained(trainer)
-    timed = timer.times[3:] if len(timer.times) > 3 else timer.times
-    step_s = statistics.median(timed)
+    profiled = set(profiles.steps) if profiles is not None else set()
+    measured = [(i, step) for i, step in enumerate(zip(timer.times, timer.phases)) if i not in profiled]
+    kept = [step for i, step in measured if i >= 3] or [step for _, step in measured]  # the first 3 warm up
+    step_s = statistics.median(t for t, _ in kept)
     by_phase = {}
     for phase in dict.fromkeys(timer.phases):
-        times = [t for t, p in zip(timer.times[3:], timer.phases[3:]) if p == phase]
+        times = [t for t, p in kept if p == phase]
         if times:
             by_phase[phase] = round(statistics.median(times), 4)
     result = {
@@ -362,6 +424,7 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         "step_s": round(step_s, 4),
         "step_s_by_phase": by_phase,
         "step_s_all": [round(t, 4) for t in timer.times],
+        "profiled_steps": sorted(profiled),
         "peak_alloc_gib": _gib(torch.cuda.max_memory_allocated()) if cuda else None,
         "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()) if cuda else None,
         "model_gib": _gib(model_bytes) if cuda else None,
@@ -485,11 +548,12 @@ def _versions() -> dict:
 
 def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int], seq: int, steps: int,
             max_seq_configs: list[str], memory_gib: float, timeout: int, command: str,
-            cap_gib: float | None = None) -> dict:
+            cap_gib: float | None = None, profile: bool = False) -> dict:
     """Every (configuration, micro-batch) in its own process, one after the other; then the 24 GiB searches.
 
     `cap_gib` holds every timed run to that much GPU memory, as a card of that size would: a configuration
-    that does not fit fails with the allocator's out-of-memory error, which the report shows."""
+    that does not fit fails with the allocator's out-of-memory error, which the report shows. `profile`:
+    each timed run profiles one step per phase into OUT/profiles/CONFIG@MB (`PhaseProfiles`)."""
     import torch
 
     from qlrlora.assets import build_from_config
@@ -522,6 +586,8 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
             argv += ["--memory-gib", str(memory_gib)]
         elif cap_gib:
             argv += ["--memory-gib", str(cap_gib)]
+        if kind == "one" and profile:
+            argv += ["--profile", str(out / "profiles" / key)]
         began = time.perf_counter()
         with open(log, "w") as f:
             try:
@@ -699,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     every.add_argument("--memory-gib", type=float, default=24.0)
     every.add_argument("--timeout", type=int, default=600, help="seconds for one process")
     every.add_argument("--cap-gib", type=float, help="hold every timed run to this much GPU memory (a smaller card)")
+    every.add_argument("--profile", action="store_true", help="profile one step per rank phase of each timed run")
     for name in ("one", "max_seq"):
         p = sub.add_parser(name)
         p.add_argument("config", choices=list(CONFIGS))
@@ -708,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--memory-gib", type=float)
         p.add_argument("--seq-step", type=int, help="max_seq: grow the sequence by this many tokens, not doubling")
         p.add_argument("--work", type=Path, default=Path("runs/bench_throughput"))
+        if name == "one":
+            p.add_argument("--profile", type=Path, help="a folder for a profile of one step per rank phase")
     for p in sub.choices.values():
         p.add_argument("--model", choices=list(MODELS), default="llama3-8b")
         p.add_argument("--seq", type=int, default=2048)
@@ -740,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "all":
             command = " ".join(["python", "tools/bench_throughput.py", *(sys.argv[1:] if argv is None else argv)])
             run_all(args.out, args.model, args.configs, args.micro_batches, args.seq, args.steps, args.max_seq,
-                    args.memory_gib, args.timeout, command, args.cap_gib)
+                    args.memory_gib, args.timeout, command, args.cap_gib, args.profile)
             print(format_report(json.loads((args.out / "throughput.json").read_text())))
             return 0
         from qlrlora.assets import build_from_config
@@ -749,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         args.work.mkdir(parents=True, exist_ok=True)
         if args.command == "one":
             result = run_one(args.config, model_path, MODELS[args.model], args.work, args.micro_batch, args.seq,
-                             args.steps, args.memory_gib)
+                             args.steps, args.memory_gib, args.profile)
         else:
             result = max_seq(args.config, model_path, args.work, args.memory_gib or 24.0, start=args.seq,
                              progress=lambda partial: atomic_write_json(args.json, partial), step=args.seq_step)

@@ -2,6 +2,7 @@
 from the files (the GPU figures: docs/benchmarks/throughput.md)."""
 
 import json
+import statistics
 
 import pytest
 
@@ -74,6 +75,20 @@ def test_a_failed_run_is_reported_by_the_exception_that_ended_it(tmp_path):
     assert throughput._last_error(log) == "CUDA error: out of memory"
 
 
+def test_a_profile_traces_one_step_of_each_rank_phase_and_leaves_it_out_of_the_timing(tmp_path, tiny_model):
+    result = throughput.run_one("qlr_learned", tiny_model, throughput.TINY, tmp_path, micro_batch=2, seq=96, steps=10,
+                                profile=tmp_path / "profile")
+    assert len(result["profiled_steps"]) == 2 and min(result["profiled_steps"]) >= 3
+    for phase in ("pruning", "frozen"):
+        summary = json.loads((tmp_path / "profile" / f"{phase}.json").read_text())
+        assert summary["step"] in result["profiled_steps"] and summary["operators"] > 0
+        assert any(row["name"] == "aten::addmm" for row in summary["top"]), summary["top"]
+        assert set(summary["stalls"]) == set(throughput.PhaseProfiles.STALLS)
+        assert "aten::addmm" in (tmp_path / "profile" / f"{phase}.txt").read_text()
+    timed = [t for i, t in enumerate(result["step_s_all"]) if i >= 3 and i not in result["profiled_steps"]]
+    assert result["step_s"] == pytest.approx(statistics.median(timed), abs=1e-4)
+
+
 def test_max_seq_trains_every_length_on_one_loaded_model(tmp_path, tiny_model, monkeypatch):
     loads = []
     real = throughput.build
@@ -139,11 +154,15 @@ def test_report_and_summary_print_ratios_from_the_files(tmp_path):
     assert "| stock_peft | 24.0 | 4096: out of memory | none of those tried |" in table
 
 
-def test_a_memory_cap_reaches_every_timed_run_and_the_report(tmp_path):
+def test_a_memory_cap_and_a_profile_reach_every_timed_run(tmp_path):
     """`all --cap-gib` holds each timed run to a smaller card: every run's process gets the limit and records
-    it, and the report's heading says so (on the CPU the limit is recorded, not enforced)."""
-    report = throughput.run_all(tmp_path, "tiny", ["qlr_fixed"], [2], 96, 2, [], 24.0, 300, "test", cap_gib=20.0)
+    it, and the report's heading says so (on the CPU the limit is recorded, not enforced). `all --profile`
+    has each run profile a step into OUT/profiles/CONFIG@MB."""
+    report = throughput.run_all(tmp_path, "tiny", ["qlr_fixed"], [2], 96, 4, [], 24.0, 300, "test", cap_gib=20.0,
+                                profile=True)
     assert report["runs"]["qlr_fixed@2"]["memory_limit_gib"] == 20.0, report["runs"]
+    assert report["runs"]["qlr_fixed@2"]["profiled_steps"] == [3]
+    assert json.loads((tmp_path / "profiles" / "qlr_fixed@2" / "fixed.json").read_text())["step"] == 3
     assert report["cap_gib"] == 20.0
     assert "every timed run held to 20 GiB of GPU memory" in throughput.format_report(report).splitlines()[0]
 
