@@ -433,7 +433,12 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         "memory_limit_gib": memory_gib,
     }
     if controller is not None:
-        result["hard_ranks_mean"] = sum(controller.hard_ranks()) / len(controller.hard_ranks())
+        hard = controller.hard_ranks()
+        # a short run freezes long before the ranks reach the budget, and the freeze then cuts whole layers to
+        # rank 0 (their adapter and dropout skipped): the frozen steps compute what these say, not rank 16 everywhere
+        result["hard_ranks_mean"] = sum(hard) / len(hard)
+        result["layers_at_rank_0"] = sum(1 for r in hard if r == 0)
+        result["hard_ranks"] = hard
     return result
 
 
