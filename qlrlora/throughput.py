@@ -21,6 +21,11 @@ Configurations (`CONFIGS`):
   keeps its own fused LM head, so the logits are never materialised in any configuration);
 - `qlr_*_offload`, `qlr_*_liger_offload`: the checkpointed blocks' inputs kept in CPU memory
   (`model.offload_checkpoints`), without or with Liger's kernels.
+- `qlr_learning_at64`, `qlr_learning_at28`, `qlr_frozen_at16`: the three phases of a full-length `qlr_learned`
+  run, each timed at the ranks it computes (a bench run is too short for the rank schedule, and its freeze
+  cuts whole layers to rank 0): the warm-up at rank 64 and the pruning phase at its mean rank, 28, both with
+  the rank's gradient computed, and the frozen budget at 16. The report weighs them 0.1 / 0.6 / 0.3 (the
+  recipes' warm-up and freeze fractions) into an estimate of the full run's tokens/s.
 - `*_ckpt<N>`: gradient checkpointing in the first N of the 32 decoder blocks only
   (`model.checkpoint_layers`); `*_ckpt0`: no checkpointing at all (`gradient_checkpointing: false`,
   which the stock stack offers as well).
@@ -104,7 +109,22 @@ _BASE_CONFIGS = {
     "qlr_fixed": ("qlr", {"r_max": 16, "alpha": 32.0, "dropout": 0.05, "rank": {"mode": "fixed"}}),
     "qlr_learned": ("qlr", {"r_max": 64, "alpha": 32.0, "dropout": 0.05,
                             "rank": {"mode": "budget", "budget_avg_rank": 16, "rank_lr": 0.05}}),
+    # A bench run is far too short for the rank schedule (its freeze cuts whole layers to rank 0), so the phases
+    # of a full-length `qlr_learned` run are timed on their own, each at the ranks it computes: the warm-up at
+    # r_max 64 and the pruning phase at its mean rank, 28 (the cubic schedule from 64 to the budget of 16
+    # averages 16 + 48 / 4), both with the rank's gradient computed (rank_lr 1e-6: the ranks do not move, every
+    # step of the controller runs); the frozen phase at the budget, 16, in r_max 64 factors.
+    "qlr_learning_at64": ("qlr", {"r_max": 64, "init_rank": 64.0, "alpha": 32.0, "dropout": 0.05,
+                                  "rank": {"mode": "penalty", "rank_lr": 1e-6, "warmup_fraction": 0.0,
+                                           "freeze_fraction": 1.0}}),
+    "qlr_learning_at28": ("qlr", {"r_max": 64, "init_rank": 28.0, "alpha": 32.0, "dropout": 0.05,
+                                  "rank": {"mode": "penalty", "rank_lr": 1e-6, "warmup_fraction": 0.0,
+                                           "freeze_fraction": 1.0}}),
+    "qlr_frozen_at16": ("qlr", {"r_max": 64, "init_rank": 16.0, "alpha": 32.0, "dropout": 0.05,
+                                "rank": {"mode": "fixed"}}),
 }
+# The share of a full-length run's steps in each phase (rank.warmup_fraction 0.1, freeze_fraction 0.7).
+FULL_RUN_PHASES = {"qlr_learning_at64": 0.1, "qlr_learning_at28": 0.6, "qlr_frozen_at16": 0.3}
 CONFIGS = {**_BASE_CONFIGS, **{f"{name}_liger": spec for name, spec in _BASE_CONFIGS.items()},
            **{f"{name}{kernels}_offload": spec for name, spec in _BASE_CONFIGS.items() if spec[0] == "qlr"
               for kernels in ("", "_liger")},
@@ -255,7 +275,7 @@ def _recipe(stack_settings: dict, model_path: str, rows: Path, out: Path, micro_
     from qlrlora.config import recipe_from_dict
 
     adapter = {"targets": "all-linear", "r_max": stack_settings["r_max"], "alpha": stack_settings["alpha"],
-               "dropout": stack_settings["dropout"], "dtype": "bfloat16"}
+               "dropout": stack_settings["dropout"], "dtype": "bfloat16", "init_rank": stack_settings.get("init_rank")}
     raw = {
         "model": {"name_or_path": model_path, "quantize": "nf4", "double_quant": True, "dtype": "bfloat16",
                   "attn_implementation": "sdpa", "offload_checkpoints": offload,
@@ -647,6 +667,30 @@ def configs_table(report: dict) -> dict:
     return table
 
 
+def full_run_estimates(report: dict) -> list[dict]:
+    """A full-length `qlr_learned` run's speed from its phases timed on their own (`FULL_RUN_PHASES`): the step
+    time averaged over the phases by their share of the steps, per kernel variant and micro-batch that ran all
+    three. An estimate: the pruning phase is timed at its mean rank, every layer at that rank."""
+    runs, first = report["runs"], next(iter(FULL_RUN_PHASES))
+    estimates = []
+    for key in runs:
+        name, mb = key.split("@")
+        if not name.startswith(first):
+            continue
+        variant = name[len(first):]
+        parts = [runs.get(f"{phase}{variant}@{mb}") for phase in FULL_RUN_PHASES]
+        if any(part is None or "error" in part for part in parts):
+            continue
+        step = sum(share * part["step_s"] for share, part in zip(FULL_RUN_PHASES.values(), parts))
+        row = {"config": f"qlr_learned{variant}", "micro_batch": int(mb), "step_s": step,
+               "tokens_per_s": statistics.fmean(part["tokens_per_step"] for part in parts) / step}
+        stock = runs.get(f"stock_peft@{mb}")
+        if stock is not None and "error" not in stock:
+            row["tokens_vs_stock"] = row["tokens_per_s"] / stock["tokens_per_s"]
+        estimates.append(row)
+    return estimates
+
+
 def format_report(report: dict) -> str:
     table = configs_table(report)
     lines = [f"{report['gpu']}, {report['model']}, sequence {report['seq']}; bf16 matmul peak "
@@ -667,6 +711,14 @@ def format_report(report: dict) -> str:
                  row["non_weight_gib"], _ratio(row.get("non_weight_vs_stock")),
                  f"{row['mfu']:.3f}" if row["mfu"] is not None else "", row["max_seq_24gib"] or ""]
         lines.append("| " + " | ".join(str(c) if c is not None else "" for c in cells) + " |")
+    estimates = full_run_estimates(report)
+    if estimates:
+        shares = ", ".join(f"{share:g} {name}" for name, share in FULL_RUN_PHASES.items())
+        lines += ["", f"A full-length learned-rank run, estimated from its phases timed on their own ({shares}):", "",
+                  "| config | micro-batch | step s | tokens/s | vs stock |", "| --- | --- | --- | --- | --- |"]
+        for row in estimates:
+            lines.append(f"| {row['config']} | {row['micro_batch']} | {row['step_s']:.3f} | {row['tokens_per_s']:,.0f} | "
+                         f"{_ratio(row.get('tokens_vs_stock'))} |")
     phases = {k: r["step_s_by_phase"] for k, r in table.items() if "error" not in r and len(r["step_s_by_phase"]) > 1}
     if phases:
         lines += ["", "Median step time (s) by rank phase, learned ranks:", ""]

@@ -91,6 +91,32 @@ def test_a_profile_traces_one_step_of_each_rank_phase_and_leaves_it_out_of_the_t
     assert result["step_s"] == pytest.approx(statistics.median(timed), abs=1e-4)
 
 
+@pytest.mark.parametrize(("name", "rank", "phases"), [("qlr_learning_at28", 28, {"pruning"}), ("qlr_frozen_at16", 16, {"fixed"})])
+def test_a_full_run_phase_trains_at_its_own_ranks_throughout(tmp_path, tiny_model, name, rank, phases):
+    """The phase configurations hold every layer at their rank for the whole run, the learning one with the rank's
+    gradient computed in every step (its phase stays pruning: no freeze cuts it)."""
+    result = throughput.run_one(name, tiny_model, throughput.TINY, tmp_path, micro_batch=2, seq=96, steps=5)
+    assert result["hard_ranks"] == [rank] * 14
+    assert set(result["step_s_by_phase"]) == phases
+
+
+def test_the_full_run_estimate_weighs_the_phases_by_their_share_of_the_steps():
+    def run(config, mb, step_s):
+        return {"config": config, "micro_batch": mb, "tokens_per_s": 4096 / step_s, "tokens_per_step": 4096.0,
+                "step_s": step_s, "peak_alloc_gib": 9.0, "peak_reserved_gib": 10.0, "model_gib": 5.0,
+                "flops_per_token": 1e9, "step_s_by_phase": {}}
+
+    runs = {f"{name}@{mb}": run(name, mb, step) for mb in (2,) for name, step in
+            (("stock_peft", 0.5), ("qlr_learning_at64_liger", 0.6), ("qlr_learning_at28_liger", 0.5),
+             ("qlr_frozen_at16_liger", 0.4), ("qlr_learning_at64", 0.7))}  # no other phase of the plain variant
+    report = {"gpu": "GPU", "model": "llama3-8b", "seq": 2048, "runs": runs}
+    (estimate,) = throughput.full_run_estimates(report)
+    assert estimate["config"] == "qlr_learned_liger" and estimate["micro_batch"] == 2
+    assert estimate["step_s"] == pytest.approx(0.1 * 0.6 + 0.6 * 0.5 + 0.3 * 0.4)
+    assert estimate["tokens_vs_stock"] == pytest.approx(0.5 / 0.48)
+    assert "| qlr_learned_liger | 2 | 0.480 | 8,533 | 1.04x |" in throughput.format_report(report)
+
+
 def test_max_seq_trains_every_length_on_one_loaded_model(tmp_path, tiny_model, monkeypatch):
     loads = []
     real = throughput.build
