@@ -7,7 +7,8 @@
 #   RUNS=/root/qlr-runs3 bash docs/benchmarks/throughput/run.sh seq24fine  # the 24 GiB limits in finer steps
 #   bash docs/benchmarks/throughput/run.sh unsloth  # Unsloth beside the stock stack (its site: UNSLOTH_SITE)
 #   bash docs/benchmarks/throughput/run.sh unsloth24  # Unsloth's longest sequence within 24 GiB
-#   RUNS=/root/qlr-runs7 bash docs/benchmarks/throughput/run.sh phases  # a full-length learned-rank run, by phase
+#   RUNS=/root/qlr-runs7 bash docs/benchmarks/throughput/run.sh phases8  # a full-length learned-rank run, by phase
+#   RUNS=/root/qlr-runs7 bash docs/benchmarks/throughput/run.sh phases2  # the same at micro-batch 2
 #   RUNS=/root/qlr-runs7 bash docs/benchmarks/throughput/run.sh profile  # where a pruning step's time goes
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt2  # checkpointing fewer blocks, micro-batch 2
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt8  # the same at micro-batch 8
@@ -60,9 +61,9 @@ unsloth)  # Unsloth's site goes first on PYTHONPATH for its own runs only; the s
     bench --micro-batches "$mb" --steps "$steps" --configs stock_peft --max-seq
     (export PYTHONPATH=$site:${PYTHONPATH:-}; bench --micro-batches "$mb" --steps "$steps" --configs unsloth --max-seq)
   done ;;
-phases)  # a full-length learned-rank run's phases, each at its own ranks, beside the stock stack and the fixed rank
-  bench --micro-batches 8 2 --steps 12 --configs stock_peft qlr_learning_at64_liger qlr_learning_at28_liger \
-    qlr_frozen_at16_liger qlr_fixed_liger --max-seq ;;
+phases8|phases2)  # a full-length learned-rank run's phases, each at its own ranks, beside stock and the fixed rank
+  bench --micro-batches "${stage#phases}" --steps 12 --configs stock_peft qlr_learning_at64_liger \
+    qlr_learning_at28_liger qlr_frozen_at16_liger qlr_fixed_liger --max-seq ;;
 profile)  # one step of each rank phase traced (torch.profiler), learned ranks beside the rank fixed at 16
   bench --micro-batches 8 2 --steps 12 --configs qlr_learned_liger qlr_fixed_liger --max-seq --profile ;;
 unsloth24)  # Unsloth's longest sequence at micro-batch 1 within 24 GiB (its site as for `unsloth`)
