@@ -75,6 +75,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from qlrlora.config import RankConfig
 from qlrlora.errors import QLRError
 from qlrlora.io import atomic_write_json
 
@@ -123,8 +124,10 @@ _BASE_CONFIGS = {
     "qlr_frozen_at16": ("qlr", {"r_max": 64, "init_rank": 16.0, "alpha": 32.0, "dropout": 0.05,
                                 "rank": {"mode": "fixed"}}),
 }
-# The share of a full-length run's steps in each phase (rank.warmup_fraction 0.1, freeze_fraction 0.7).
-FULL_RUN_PHASES = {"qlr_learning_at64": 0.1, "qlr_learning_at28": 0.6, "qlr_frozen_at16": 0.3}
+# The share of a full-length run's steps in each phase: the recipes keep the rank schedule's defaults.
+FULL_RUN_PHASES = {"qlr_learning_at64": RankConfig.warmup_fraction,
+                   "qlr_learning_at28": RankConfig.freeze_fraction - RankConfig.warmup_fraction,
+                   "qlr_frozen_at16": 1 - RankConfig.freeze_fraction}
 CONFIGS = {**_BASE_CONFIGS, **{f"{name}_liger": spec for name, spec in _BASE_CONFIGS.items()},
            **{f"{name}{kernels}_offload": spec for name, spec in _BASE_CONFIGS.items() if spec[0] == "qlr"
               for kernels in ("", "_liger")},
