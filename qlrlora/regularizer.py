@@ -190,9 +190,11 @@ class RankController:
             self.penalty = 0.0
 
     def _round_within_budget(self) -> None:
-        """Rounding to hard ranks can overshoot the budget: switch off, one at a time, the components
-        whose rank is least above their switching point (ties: the rank whose task gradient pushes
-        it down hardest), until the hard ranks fit."""
+        """Rounding to hard ranks can overshoot the budget: switch off, one at a time, the component
+        whose rank is least above its switching point (ties: the rank whose task gradient pushes it
+        down hardest), until the hard ranks fit. A layer's next component sits one rank further above,
+        so when the ranks stopped far above the budget (a run too short for the schedule) every layer
+        gives up components in turn, and none is emptied while the others keep theirs."""
         values, hard = self.ranks.values, self.ranks.hard()
         over = float((self.sizes * hard).sum()) - self.budget * self.reference_params
         keep = self.momentum / (self.momentum.abs().max() + 1e-30)  # in [-1, 1]; > 0: the task wants it smaller
@@ -201,8 +203,8 @@ class RankController:
             margin = torch.where(hard > 0, margin, torch.full_like(values, float("inf")))
             layer = int(margin.argmin())
             hard[layer] -= 1
-            values[layer] = float(hard[layer])
             over -= float(self.sizes[layer])
+        values.copy_(hard.to(values.dtype))
 
     def unreachable_budget(self) -> str | None:
         """Why the ranks cannot follow the budget's schedule in this run, or None when they can.

@@ -111,6 +111,16 @@ def test_freezing_rounds_without_overshooting_the_budget():
     assert controller.hard_ranks() == [2, 3]  # 2.6 is only 0.1 above its switching point, 3.4 is 0.9 above
 
 
+def test_freezing_far_above_the_budget_cuts_every_layer_in_turn():
+    """Ranks that stopped far above the budget (a run too short for the schedule) are cut to it by taking
+    components from every layer in turn, so no layer is emptied while the others keep theirs."""
+    named = layers([63.8, 61.6, 63.9, 55.7], r_max=64, sizes=((32, 32),) * 4)
+    controller = RankController(named, RankConfig(mode="budget", budget_avg_rank=16, warmup_fraction=0.0, freeze_fraction=0.0), 10)
+    step_with_grad(controller, [0.0, 0.0, 0.0, 0.0])
+    assert controller.frozen and controller.live_params() == controller.budget_params()
+    assert controller.hard_ranks() == [19, 16, 19, 10]
+
+
 def test_fixed_mode_never_moves_the_ranks():
     named = layers([4.4, 6.6])
     controller = RankController(named, RankConfig(mode="fixed"), 10)

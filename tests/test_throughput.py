@@ -40,8 +40,9 @@ def test_each_configuration_trains_and_reports_its_figures(tmp_path, tiny_model,
     assert result["longest_input"] == 96 - 1  # each row whole, as the model was given it
     phases = set(result["step_s_by_phase"])
     assert phases == ({"fixed"} if name == "stock_peft" else {"pruning", "frozen"}), phases
-    if name != "stock_peft":  # 8 steps freeze the ranks far from the budget: the cut takes whole layers to 0
-        assert len(result["hard_ranks"]) == 14 and result["layers_at_rank_0"] == result["hard_ranks"].count(0) > 0
+    if name != "stock_peft":  # 8 steps freeze the ranks far above the budget: the cut takes from every layer in turn
+        hard = result["hard_ranks"]
+        assert len(hard) == 14 and result["layers_at_rank_0"] == hard.count(0) == 0 and max(hard) - min(hard) <= 1
 
 
 @pytest.mark.parametrize(("name", "blocks"), [("stock_peft_ckpt0", 0), ("qlr_learned_ckpt0", 0), ("qlr_learned_ckpt8", 8),
