@@ -22,8 +22,8 @@ Configurations (`CONFIGS`):
 - `qlr_*_offload`, `qlr_*_liger_offload`: the checkpointed blocks' inputs kept in CPU memory
   (`model.offload_checkpoints`), without or with Liger's kernels.
 - `qlr_learning_at64`, `qlr_learning_at28`, `qlr_frozen_at16`: the three phases of a full-length `qlr_learned`
-  run, each timed at the ranks it computes (a bench run is too short for the rank schedule, and its freeze
-  cuts whole layers to rank 0): the warm-up at rank 64 and the pruning phase at its mean rank, 28, both with
+  run, each timed at the ranks it computes (a bench run is too short for the rank schedule: its ranks are
+  still near r_max when the freeze cuts them to the budget): the warm-up at rank 64 and the pruning phase at its mean rank, 28, both with
   the rank's gradient computed, and the frozen budget at 16. The report weighs them 0.1 / 0.6 / 0.3 (the
   recipes' warm-up and freeze fractions) into an estimate of the full run's tokens/s.
 - `*_ckpt<N>`: gradient checkpointing in the first N of the 32 decoder blocks only
@@ -110,7 +110,7 @@ _BASE_CONFIGS = {
     "qlr_fixed": ("qlr", {"r_max": 16, "alpha": 32.0, "dropout": 0.05, "rank": {"mode": "fixed"}}),
     "qlr_learned": ("qlr", {"r_max": 64, "alpha": 32.0, "dropout": 0.05,
                             "rank": {"mode": "budget", "budget_avg_rank": 16, "rank_lr": 0.05}}),
-    # A bench run is far too short for the rank schedule (its freeze cuts whole layers to rank 0), so the phases
+    # A bench run is far too short for the rank schedule (its ranks are still near r_max when the freeze cuts them), so the phases
     # of a full-length `qlr_learned` run are timed on their own, each at the ranks it computes: the warm-up at
     # r_max 64 and the pruning phase at its mean rank, 28 (the cubic schedule from 64 to the budget of 16
     # averages 16 + 48 / 4), both with the rank's gradient computed (rank_lr 1e-6: the ranks do not move, every
@@ -673,7 +673,8 @@ def configs_table(report: dict) -> dict:
 def full_run_estimates(report: dict) -> list[dict]:
     """A full-length `qlr_learned` run's speed from its phases timed on their own (`FULL_RUN_PHASES`): the step
     time averaged over the phases by their share of the steps, per kernel variant and micro-batch that ran all
-    three. An estimate: the pruning phase is timed at its mean rank, every layer at that rank."""
+    three, against the stock stack and against the rank fixed at 16 with the same kernels (issue 11's (c)/(b)) where
+    they ran in the same call. An estimate: the pruning phase is timed at its mean rank, every layer at that rank."""
     runs, first = report["runs"], next(iter(FULL_RUN_PHASES))
     estimates = []
     for key in runs:
@@ -687,9 +688,10 @@ def full_run_estimates(report: dict) -> list[dict]:
         step = sum(share * part["step_s"] for share, part in zip(FULL_RUN_PHASES.values(), parts))
         row = {"config": f"qlr_learned{variant}", "micro_batch": int(mb), "step_s": step,
                "tokens_per_s": statistics.fmean(part["tokens_per_step"] for part in parts) / step}
-        stock = runs.get(f"stock_peft@{mb}")
-        if stock is not None and "error" not in stock:
-            row["tokens_vs_stock"] = row["tokens_per_s"] / stock["tokens_per_s"]
+        for ratio, against in (("tokens_vs_stock", "stock_peft"), ("tokens_vs_fixed", f"qlr_fixed{variant}")):
+            base = runs.get(f"{against}@{mb}")
+            if base is not None and "error" not in base:
+                row[ratio] = row["tokens_per_s"] / base["tokens_per_s"]
         estimates.append(row)
     return estimates
 
@@ -718,10 +720,11 @@ def format_report(report: dict) -> str:
     if estimates:
         shares = ", ".join(f"{share:g} {name}" for name, share in FULL_RUN_PHASES.items())
         lines += ["", f"A full-length learned-rank run, estimated from its phases timed on their own ({shares}):", "",
-                  "| config | micro-batch | step s | tokens/s | vs stock |", "| --- | --- | --- | --- | --- |"]
+                  "| config | micro-batch | step s | tokens/s | vs stock | vs fixed rank 16 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for row in estimates:
             lines.append(f"| {row['config']} | {row['micro_batch']} | {row['step_s']:.3f} | {row['tokens_per_s']:,.0f} | "
-                         f"{_ratio(row.get('tokens_vs_stock'))} |")
+                         f"{_ratio(row.get('tokens_vs_stock'))} | {_ratio(row.get('tokens_vs_fixed'))} |")
     phases = {k: r["step_s_by_phase"] for k, r in table.items() if "error" not in r and len(r["step_s_by_phase"]) > 1}
     if phases:
         lines += ["", "Median step time (s) by rank phase, learned ranks:", ""]

@@ -109,13 +109,15 @@ def test_the_full_run_estimate_weighs_the_phases_by_their_share_of_the_steps():
 
     runs = {f"{name}@{mb}": run(name, mb, step) for mb in (2,) for name, step in
             (("stock_peft", 0.5), ("qlr_learning_at64_liger", 0.6), ("qlr_learning_at28_liger", 0.5),
-             ("qlr_frozen_at16_liger", 0.4), ("qlr_learning_at64", 0.7))}  # no other phase of the plain variant
+             ("qlr_frozen_at16_liger", 0.4), ("qlr_fixed_liger", 0.45),
+             ("qlr_learning_at64", 0.7))}  # no other phase of the plain variant
     report = {"gpu": "GPU", "model": "llama3-8b", "seq": 2048, "runs": runs}
     (estimate,) = throughput.full_run_estimates(report)
     assert estimate["config"] == "qlr_learned_liger" and estimate["micro_batch"] == 2
     assert estimate["step_s"] == pytest.approx(0.1 * 0.6 + 0.6 * 0.5 + 0.3 * 0.4)
     assert estimate["tokens_vs_stock"] == pytest.approx(0.5 / 0.48)
-    assert "| qlr_learned_liger | 2 | 0.480 | 8,533 | 1.04x |" in throughput.format_report(report)
+    assert estimate["tokens_vs_fixed"] == pytest.approx(0.45 / 0.48)
+    assert "| qlr_learned_liger | 2 | 0.480 | 8,533 | 1.04x | 0.94x |" in throughput.format_report(report)
 
 
 def test_max_seq_trains_every_length_on_one_loaded_model(tmp_path, tiny_model, monkeypatch):
