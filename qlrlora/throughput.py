@@ -576,8 +576,13 @@ def _versions() -> dict:
 
 def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int], seq: int, steps: int,
             max_seq_configs: list[str], memory_gib: float, timeout: int, command: str,
-            cap_gib: float | None = None, profile: bool = False) -> dict:
+            cap_gib: float | None = None, profile: bool = False, rounds: int = 1) -> dict:
     """Every (configuration, micro-batch) in its own process, one after the other; then the 24 GiB searches.
+
+    `rounds` > 1 times every configuration again in that many rounds, each round running all of them in the
+    same order (so a drift of the machine falls on every configuration alike): a run keeps its first round's
+    figures and lists every round's tokens/s and step time under `rounds`; the report takes their medians, and
+    its ratios pair each round with the same round of the run it is set against.
 
     `cap_gib` holds every timed run to that much GPU memory, as a card of that size would: a configuration
     that does not fit fails with the allocator's out-of-memory error, which the report shows. `profile`:
@@ -599,11 +604,11 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
         "seq": seq, "bf16_matmul_peak_tflops": peak, "model_build_s": round(build_s, 1), "versions": _versions(),
         "cap_gib": cap_gib,
     })
-    jobs = [("one", name, mb) for mb in micro_batches for name in configs]
-    jobs += [("max_seq", name, 1) for name in max_seq_configs]
-    for kind, name, mb in jobs:
+    jobs = [("one", name, mb, r) for r in range(rounds) for mb in micro_batches for name in configs]
+    jobs += [("max_seq", name, 1, 0) for name in max_seq_configs]
+    for kind, name, mb, r in jobs:
         key = f"{name}@{mb}" if kind == "one" else name
-        target = out / ("runs" if kind == "one" else "max_seq") / f"{key}.json"
+        target = out / ("runs" if kind == "one" else "max_seq") / (f"{key}.json" if r == 0 else f"{key}.round{r + 1}.json")
         log = target.with_suffix(".log")
         target.parent.mkdir(parents=True, exist_ok=True)
         python = [sys.executable, "-c", UNSLOTH_FIRST] if CONFIGS[name][0] == "unsloth" else \
@@ -614,7 +619,7 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
             argv += ["--memory-gib", str(memory_gib)]
         elif cap_gib:
             argv += ["--memory-gib", str(cap_gib)]
-        if kind == "one" and profile:
+        if kind == "one" and profile and r == 0:
             argv += ["--profile", str(out / "profiles" / key)]
         began = time.perf_counter()
         with open(log, "w") as f:
@@ -622,14 +627,33 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
                 code = subprocess.run(argv, check=False, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
             except subprocess.TimeoutExpired:
                 code = "timeout"
-        print(f"{kind} {key}: exit {code} after {time.perf_counter() - began:.0f} s", flush=True)
+        print(f"{kind} {key}{f' round {r + 1}' if rounds > 1 and kind == 'one' else ''}: exit {code} after "
+              f"{time.perf_counter() - began:.0f} s", flush=True)
         section = report["runs" if kind == "one" else "max_seq"]
-        if target.is_file():
-            section[key] = json.loads(target.read_text())
-        else:
-            section[key] = {"config": name, "micro_batch": mb, "error": _last_error(log)}
+        result = json.loads(target.read_text()) if target.is_file() else \
+            {"config": name, "micro_batch": mb, "error": _last_error(log)}
+        if r == 0:
+            section[key] = result
+        if kind == "one" and rounds > 1:
+            figures = {k: result[k] for k in ("error",) if k in result} or \
+                {k: result[k] for k in ("tokens_per_s", "step_s", "tokens_per_step")}
+            section[key].setdefault("rounds", []).append(figures)
         atomic_write_json(path, report)
     return report
+
+
+def _timed(run: dict) -> list[dict]:
+    """A run's timed figures (tokens_per_s, step_s, tokens_per_step) in each round that ran; one without rounds."""
+    return [f for f in run["rounds"] if "error" not in f] if "rounds" in run else [run]
+
+
+def _paired(ours: list[float], theirs: list[float]) -> tuple[float, list[float]]:
+    """The ratio of two runs' tokens/s: the median of the round-by-round ratios when both ran the same rounds
+    (with their range), else the ratio of the medians (range empty)."""
+    if len(ours) == len(theirs) > 1:
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        return statistics.median(ratios), [min(ratios), max(ratios)]
+    return statistics.median(ours) / statistics.median(theirs), []
 
 
 def _last_error(log: Path) -> str:
@@ -653,14 +677,18 @@ def configs_table(report: dict) -> dict:
             table[key] = dict(run)
             continue
         stock = report["runs"].get(f"stock_peft@{run['micro_batch']}")
-        row = {k: run[k] for k in ("config", "micro_batch", "tokens_per_s", "step_s", "peak_alloc_gib",
-                                   "peak_reserved_gib", "model_gib")}
+        row = {k: run[k] for k in ("config", "micro_batch", "peak_alloc_gib", "peak_reserved_gib", "model_gib")}
+        timed = _timed(run)
+        row["tokens_per_s"] = statistics.median(f["tokens_per_s"] for f in timed)
+        row["step_s"] = statistics.median(f["step_s"] for f in timed)
+        row["rounds"] = len(timed)
         row["non_weight_gib"] = round(run["peak_alloc_gib"] - run["model_gib"], 3) if run["peak_alloc_gib"] else None
-        row["mfu"] = round(run["tokens_per_s"] * run["flops_per_token"] / (peak * 1e12), 4) if peak else None
+        row["mfu"] = round(row["tokens_per_s"] * run["flops_per_token"] / (peak * 1e12), 4) if peak else None
         row["step_s_by_phase"] = run.get("step_s_by_phase")
         if stock and "error" not in stock:
             # unrounded: the tables round once, to two places (1.4946 rounded to 1.495 first would print 1.50x)
-            row["tokens_vs_stock"] = run["tokens_per_s"] / stock["tokens_per_s"]
+            row["tokens_vs_stock"], row["tokens_vs_stock_range"] = _paired(
+                [f["tokens_per_s"] for f in timed], [f["tokens_per_s"] for f in _timed(stock)])
             if row["non_weight_gib"] is not None:
                 stock_non_weight = stock["peak_alloc_gib"] - stock["model_gib"]
                 row["non_weight_vs_stock"] = row["non_weight_gib"] / stock_non_weight
@@ -685,13 +713,19 @@ def full_run_estimates(report: dict) -> list[dict]:
         parts = [runs.get(f"{phase}{variant}@{mb}") for phase in FULL_RUN_PHASES]
         if any(part is None or "error" in part for part in parts):
             continue
-        step = sum(share * part["step_s"] for share, part in zip(FULL_RUN_PHASES.values(), parts))
-        row = {"config": f"qlr_learned{variant}", "micro_batch": int(mb), "step_s": step,
-               "tokens_per_s": statistics.fmean(part["tokens_per_step"] for part in parts) / step}
+        timed = [_timed(part) for part in parts]
+        if len({len(t) for t in timed}) == 1:  # round by round
+            rounds = list(zip(*timed))
+        else:
+            rounds = [[{k: statistics.median(f[k] for f in t) for k in ("step_s", "tokens_per_step")} for t in timed]]
+        steps = [sum(share * f["step_s"] for share, f in zip(FULL_RUN_PHASES.values(), r)) for r in rounds]
+        tokens = [statistics.fmean(f["tokens_per_step"] for f in r) / step for r, step in zip(rounds, steps)]
+        row = {"config": f"qlr_learned{variant}", "micro_batch": int(mb), "step_s": statistics.median(steps),
+               "tokens_per_s": statistics.median(tokens), "rounds": len(rounds)}
         for ratio, against in (("tokens_vs_stock", "stock_peft"), ("tokens_vs_fixed", f"qlr_fixed{variant}")):
             base = runs.get(f"{against}@{mb}")
             if base is not None and "error" not in base:
-                row[ratio] = row["tokens_per_s"] / base["tokens_per_s"]
+                row[ratio], row[f"{ratio}_range"] = _paired(tokens, [f["tokens_per_s"] for f in _timed(base)])
         estimates.append(row)
     return estimates
 
@@ -711,7 +745,8 @@ def format_report(report: dict) -> str:
         if "error" in row:
             lines.append(f"| {row['config']} | {row['micro_batch']} | failed: {row['error']} |")
             continue
-        cells = [row["config"], row["micro_batch"], f"{row['tokens_per_s']:,.0f}", _ratio(row.get("tokens_vs_stock")),
+        cells = [row["config"], row["micro_batch"], f"{row['tokens_per_s']:,.0f}",
+                 _ratio(row.get("tokens_vs_stock"), row.get("tokens_vs_stock_range")),
                  f"{row['step_s']:.3f}", row["peak_alloc_gib"], row["peak_reserved_gib"], row["model_gib"],
                  row["non_weight_gib"], _ratio(row.get("non_weight_vs_stock")),
                  f"{row['mfu']:.3f}" if row["mfu"] is not None else "", row["max_seq_24gib"] or ""]
@@ -724,7 +759,8 @@ def format_report(report: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- |"]
         for row in estimates:
             lines.append(f"| {row['config']} | {row['micro_batch']} | {row['step_s']:.3f} | {row['tokens_per_s']:,.0f} | "
-                         f"{_ratio(row.get('tokens_vs_stock'))} | {_ratio(row.get('tokens_vs_fixed'))} |")
+                         f"{_ratio(row.get('tokens_vs_stock'), row.get('tokens_vs_stock_range'))} | "
+                         f"{_ratio(row.get('tokens_vs_fixed'), row.get('tokens_vs_fixed_range'))} |")
     phases = {k: r["step_s_by_phase"] for k, r in table.items() if "error" not in r and len(r["step_s_by_phase"]) > 1}
     if phases:
         lines += ["", "Median step time (s) by rank phase, learned ranks:", ""]
@@ -811,8 +847,11 @@ def format_searches(searches: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ratio(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}x"
+def _ratio(value: float | None, spread: list[float] | None = None) -> str:
+    """A ratio as `1.23x`; with the range of its round-by-round ratios, `1.23x (1.20-1.25)`."""
+    if value is None:
+        return ""
+    return f"{value:.2f}x ({spread[0]:.2f}-{spread[1]:.2f})" if spread else f"{value:.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -829,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
     every.add_argument("--timeout", type=int, default=600, help="seconds for one process")
     every.add_argument("--cap-gib", type=float, help="hold every timed run to this much GPU memory (a smaller card)")
     every.add_argument("--profile", action="store_true", help="profile one step per rank phase of each timed run")
+    every.add_argument("--rounds", type=int, default=1,
+                       help="time every configuration this many times, all of them once per round")
     for name in ("one", "max_seq"):
         p = sub.add_parser(name)
         p.add_argument("config", choices=list(CONFIGS))
@@ -872,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "all":
             command = " ".join(["python", "tools/bench_throughput.py", *(sys.argv[1:] if argv is None else argv)])
             run_all(args.out, args.model, args.configs, args.micro_batches, args.seq, args.steps, args.max_seq,
-                    args.memory_gib, args.timeout, command, args.cap_gib, args.profile)
+                    args.memory_gib, args.timeout, command, args.cap_gib, args.profile, args.rounds)
             print(format_report(json.loads((args.out / "throughput.json").read_text())))
             return 0
         from qlrlora.assets import build_from_config

@@ -185,6 +185,47 @@ def test_report_and_summary_print_ratios_from_the_files(tmp_path):
     assert "| stock_peft | 24.0 | 4096: out of memory | none of those tried |" in table
 
 
+def test_rounds_give_medians_and_ratios_paired_round_by_round():
+    """Each round times every configuration once; the report takes the median of a run's rounds and sets each
+    round against the same round of the stock stack (a drift of the machine between rounds cancels)."""
+    def run(config, tokens, alloc=9.0):
+        rounds = [{"tokens_per_s": t, "step_s": 4096 / t, "tokens_per_step": 4096.0} for t in tokens]
+        return {"config": config, "micro_batch": 2, **rounds[0], "peak_alloc_gib": alloc, "peak_reserved_gib": alloc + 1,
+                "model_gib": 5.0, "flops_per_token": 1e9, "step_s_by_phase": {}, "rounds": rounds}
+
+    runs = {"stock_peft@2": run("stock_peft", [1000.0, 1200.0, 800.0]),
+            "qlr_fixed_liger@2": run("qlr_fixed_liger", [1100.0, 1260.0, 960.0]),
+            "qlr_learning_at64_liger@2": run("qlr_learning_at64_liger", [900.0, 1080.0, 720.0]),
+            "qlr_learning_at28_liger@2": run("qlr_learning_at28_liger", [1000.0, 1200.0, 800.0]),
+            "qlr_frozen_at16_liger@2": run("qlr_frozen_at16_liger", [1000.0, 1200.0, 800.0])}
+    report = {"gpu": "GPU", "model": "llama3-8b", "seq": 2048, "runs": runs}
+    row = throughput.configs_table(report)["qlr_fixed_liger@2"]
+    assert row["tokens_per_s"] == 1100.0 and row["rounds"] == 3
+    assert row["tokens_vs_stock"] == pytest.approx(1.1) and row["tokens_vs_stock_range"] == pytest.approx([1.05, 1.2])
+    assert "| qlr_fixed_liger | 2 | 1,100 | 1.10x (1.05-1.20) |" in throughput.format_report(report)
+    (estimate,) = throughput.full_run_estimates(report)
+    # round 1: step 0.1 * 4096/900 + 0.9 * 4096/1000 = 4.1418 s, 988.9 tokens/s against stock 1000, fixed 1100
+    assert estimate["rounds"] == 3 and estimate["tokens_vs_stock"] == pytest.approx(4096 / 4.1418 / 1000, rel=1e-4)
+    by_round = [4096 / (0.1 * 4096 / a + 0.9 * 4096 / b) / f for a, b, f in ((900, 1000, 1100), (1080, 1200, 1260),
+                                                                              (720, 800, 960))]
+    assert estimate["tokens_vs_fixed"] == pytest.approx(by_round[0])  # the median of 0.899, 0.942, 0.824
+    assert estimate["tokens_vs_fixed_range"] == pytest.approx([by_round[2], by_round[1]])
+
+
+def test_rounds_time_every_configuration_again_in_the_same_order(tmp_path, capsys):
+    report = throughput.run_all(tmp_path, "tiny", ["stock_peft", "qlr_fixed"], [2], 96, 4, [], 24.0, 300, "test",
+                                rounds=2)
+    for key in ("stock_peft@2", "qlr_fixed@2"):
+        rounds = report["runs"][key]["rounds"]
+        assert len(rounds) == 2 and all(r["tokens_per_s"] > 0 for r in rounds), rounds
+        assert rounds[0]["tokens_per_s"] == report["runs"][key]["tokens_per_s"]  # the first round's own file
+        assert (tmp_path / "runs" / f"{key}.round2.json").is_file()
+    order = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("one ")]
+    assert order == ["one stock_peft@2 round 1", "one qlr_fixed@2 round 1", "one stock_peft@2 round 2",
+                     "one qlr_fixed@2 round 2"]
+    assert throughput.configs_table(report)["qlr_fixed@2"]["tokens_vs_stock_range"]
+
+
 def test_a_memory_cap_and_a_profile_reach_every_timed_run(tmp_path):
     """`all --cap-gib` holds each timed run to a smaller card: every run's process gets the limit and records
     it, and the report's heading says so (on the CPU the limit is recorded, not enforced). `all --profile`
