@@ -556,6 +556,19 @@ class _Loaded:
         self.layers = getattr(trainer, "layers", None)
 
 
+def host_cpu() -> dict:
+    """The host's CPU model and core count: a step bound by launching kernels (micro-batch 2 at the 8B shape)
+    moves with the host, so a call's figures say which host they ran on."""
+    model = platform.processor() or None
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count()}
+
+
 def _versions() -> dict:
     import accelerate
     import bitsandbytes
@@ -600,6 +613,7 @@ def run_all(out: Path, model: str, configs: list[str], micro_batches: list[int],
     report = json.loads(path.read_text()) if path.is_file() else {"runs": {}, "max_seq": {}}
     report.update({
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "host_cpu": host_cpu(),
         "command": command, "date": time.strftime("%Y-%m-%d"), "model": model, "model_config": MODELS[model],
         "seq": seq, "bf16_matmul_peak_tflops": peak, "model_build_s": round(build_s, 1), "versions": _versions(),
         "cap_gib": cap_gib,
@@ -737,6 +751,8 @@ def format_report(report: dict) -> str:
              f"{report['gpu']}, {report['model']}, sequence {report['seq']}"]
     if report.get("cap_gib"):
         lines[0] += f"; every timed run held to {report['cap_gib']:g} GiB of GPU memory"
+    if report.get("host_cpu"):
+        lines[0] += f"; host {report['host_cpu']['model']}, {report['host_cpu']['cores']} cores"
     lines.append("")
     head = ["config", "micro-batch", "tokens/s", "vs stock", "step s", "peak alloc GiB", "peak reserved GiB",
             "model GiB", "non-weight GiB", "vs stock", "MFU", "max seq @24 GiB"]

@@ -224,6 +224,8 @@ def test_rounds_time_every_configuration_again_in_the_same_order(tmp_path, capsy
     assert order == ["one stock_peft@2 round 1", "one qlr_fixed@2 round 1", "one stock_peft@2 round 2",
                      "one qlr_fixed@2 round 2"]
     assert throughput.configs_table(report)["qlr_fixed@2"]["tokens_vs_stock_range"]
+    assert report["host_cpu"]["cores"] >= 1 and report["host_cpu"]["model"]
+    assert f"host {report['host_cpu']['model']}" in throughput.format_report(report).splitlines()[0]
 
 
 def test_a_memory_cap_and_a_profile_reach_every_timed_run(tmp_path):
