@@ -23,9 +23,10 @@ Configurations (`CONFIGS`):
   (`model.offload_checkpoints`), without or with Liger's kernels.
 - `qlr_learning_at64`, `qlr_learning_at28`, `qlr_frozen_at16`: the three phases of a full-length `qlr_learned`
   run, each timed at the ranks it computes (a bench run is too short for the rank schedule: its ranks are
-  still near r_max when the freeze cuts them to the budget): the warm-up at rank 64 and the pruning phase at its mean rank, 28, both with
-  the rank's gradient computed, and the frozen budget at 16. The report weighs them 0.1 / 0.6 / 0.3 (the
-  recipes' warm-up and freeze fractions) into an estimate of the full run's tokens/s.
+  still near r_max when the freeze cuts them to the budget): the warm-up at rank 64 and the pruning phase
+  at its mean rank, 28, both with the rank's gradient computed, and the frozen budget at 16. The report
+  weighs them by the recipes' warm-up and freeze fractions (`FULL_RUN_PHASES`) into an estimate of the
+  full run's tokens/s, against the stock stack and the rank fixed at 16.
 - `*_ckpt<N>`: gradient checkpointing in the first N of the 32 decoder blocks only
   (`model.checkpoint_layers`); `*_ckpt0`: no checkpointing at all (`gradient_checkpointing: false`,
   which the stock stack offers as well).
@@ -110,7 +111,7 @@ _BASE_CONFIGS = {
     "qlr_fixed": ("qlr", {"r_max": 16, "alpha": 32.0, "dropout": 0.05, "rank": {"mode": "fixed"}}),
     "qlr_learned": ("qlr", {"r_max": 64, "alpha": 32.0, "dropout": 0.05,
                             "rank": {"mode": "budget", "budget_avg_rank": 16, "rank_lr": 0.05}}),
-    # A bench run is far too short for the rank schedule (its ranks are still near r_max when the freeze cuts them), so the phases
+    # A bench run is far too short for the rank schedule (its ranks are still near r_max at the freeze), so the phases
     # of a full-length `qlr_learned` run are timed on their own, each at the ranks it computes: the warm-up at
     # r_max 64 and the pruning phase at its mean rank, 28 (the cubic schedule from 64 to the budget of 16
     # averages 16 + 48 / 4), both with the rank's gradient computed (rank_lr 1e-6: the ranks do not move, every
@@ -457,8 +458,7 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
     }
     if controller is not None:
         hard = controller.hard_ranks()
-        # a short run freezes long before the ranks reach the budget, and the freeze then cuts whole layers to
-        # rank 0 (their adapter and dropout skipped): the frozen steps compute what these say, not rank 16 everywhere
+        # a short run freezes long before the ranks reach the budget: the frozen steps compute what these say
         result["hard_ranks_mean"] = sum(hard) / len(hard)
         result["layers_at_rank_0"] = sum(1 for r in hard if r == 0)
         result["hard_ranks"] = hard
