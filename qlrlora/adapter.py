@@ -208,6 +208,18 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor
     return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
 
 
+def _resized(t: torch.Tensor, n: int, dim: int, grown: torch.Tensor | None) -> torch.Tensor:
+    """`t` with `n` entries along `dim`: its first `n`, or all of it followed by `grown` (zeros when None)."""
+    held = t.shape[dim]
+    if n <= held:
+        return t.narrow(dim, 0, n).clone()
+    if grown is None:
+        shape = list(t.shape)
+        shape[dim] = n - held
+        grown = t.new_zeros(shape)
+    return torch.cat([t, grown], dim=dim)
+
+
 class LRLoRALinear(nn.Module):
     """Wraps a frozen `nn.Linear` or NF4 `Linear4bit` with a learnable-rank adapter.
 
@@ -256,8 +268,40 @@ class LRLoRALinear(nn.Module):
         return self.ranks.values[self.index]
 
     def rank_mask(self) -> torch.Tensor:
-        """The 0/1 mask over the ordered components, fp32."""
-        return self.ranks.layer_mask(self.index)
+        """The 0/1 mask over the components the factors hold, fp32."""
+        return self.ranks.layer_mask(self.index)[: self.components]
+
+    @property
+    def components(self) -> int:
+        """How many components the factors hold: r_max, unless `resize_` cut them to a frozen rank."""
+        return self.lora_A.shape[0]
+
+    @torch.no_grad()
+    def resize_(self, n: int) -> None:
+        """Make the factors hold `n` components, in place: cut them to their first `n`, or grow them back to
+        at most r_max with fresh components (A drawn as at construction, B zero: they add nothing). Their
+        gradients, if any, are cut or zero-padded alike.
+
+        Cutting to the hard rank leaves the forward pass as it was and stops the step from storing,
+        zero-filling and updating components that can no longer switch on; the caller keeps the rank
+        within `n`. The parameters stay the same Python objects (`torch.utils.swap_tensors`, which also
+        drops the autograd state sized for the old shape), so an optimizer keeps them; its state is the
+        caller's to cut alike."""
+        if not 0 <= n <= self.r_max:
+            raise ValueError(f"LR-LoRA layer {self.index}: expected 0 <= components <= r_max={self.r_max}, got {n}")
+        held = self.components
+        if n == held:
+            return
+        fresh = None
+        if n > held:
+            fresh = torch.empty(n - held, self.in_features, dtype=torch.float32, device=self.lora_A.device)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+            fresh = fresh.to(self.lora_A.dtype)
+        for param, dim, grown in ((self.lora_A, 0, fresh), (self.lora_B, 1, None)):
+            resized = nn.Parameter(_resized(param.data, n, dim, grown), requires_grad=param.requires_grad)
+            if param.grad is not None:
+                resized.grad = _resized(param.grad, n, dim, None)
+            torch.utils.swap_tensors(param, resized)
 
     def hard_rank(self) -> int:
         """Components switched on: what the forward pass uses and pruning keeps."""
@@ -268,6 +312,10 @@ class LRLoRALinear(nn.Module):
         k, kk, slope = self.ranks.window(self.index)
         if kk == 0:
             return result
+        if kk > self.lora_A.shape[0]:
+            raise RuntimeError(
+                f"LR-LoRA layer {self.index}: the factors hold {self.lora_A.shape[0]} components and the forward "
+                f"pass needs {kk}; cut factors are for frozen ranks (resize_ grows them back)")
         return _LowRankUpdate.apply(
             result, self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, k, kk, slope, self.scaling,
             self.ranks, self.index,
@@ -290,5 +338,5 @@ class LRLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r_max={self.r_max}, "
-            f"rank={float(self.rank.detach()):.2f}, scaling={self.scaling:.4g}"
+            f"components={self.components}, rank={float(self.rank.detach()):.2f}, scaling={self.scaling:.4g}"
         )

@@ -1,6 +1,7 @@
 """The training state of an LR-LoRA adapter on disk: one safetensors file, and a JSON copy to read.
 
-    lrlora_adapter.safetensors   <module>.lora_A, <module>.lora_B (adapter dtype), <module>.rank (fp32),
+    lrlora_adapter.safetensors   <module>.lora_A, <module>.lora_B (adapter dtype; r_max components, or
+                                 the hard rank's once the trainer cut them at the freeze), <module>.rank (fp32),
                                  and in its header the metadata: adapter and rank settings, per-module
                                  shapes, temperature, controller state
     lrlora_adapter.json          the same metadata, for people and tools; never read back
@@ -113,6 +114,9 @@ def load_adapter(directory: str | Path, model: nn.Module) -> tuple[dict[str, LRL
     tensors = load_file(str(directory / WEIGHTS_NAME))
     with torch.no_grad():
         for name, layer in layers.items():
+            saved_A = tensors.get(f"{name}.lora_A")
+            if saved_A is not None and saved_A.dim() == 2 and layer.components != saved_A.shape[0] <= layer.r_max:
+                layer.resize_(saved_A.shape[0])  # factors cut at the freeze are saved cut
             for field in ("lora_A", "lora_B", "rank"):
                 saved = tensors.get(f"{name}.{field}")
                 target = getattr(layer, field)
@@ -124,6 +128,10 @@ def load_adapter(directory: str | Path, model: nn.Module) -> tuple[dict[str, LRL
                 else:
                     copy_full(target, saved)  # under FSDP2 each process keeps its shard
             layer.ranks.temperature = meta["temperature"]
+        for name, layer in layers.items():
+            if layer.hard_rank() > layer.components:
+                raise QLRError(f"{directory}: {name}: rank {layer.hard_rank()} needs more components than the "
+                               f"{layer.components} saved")
     return layers, meta
 
 

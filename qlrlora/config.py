@@ -128,6 +128,10 @@ class RankConfig:
     # trains first), move until freeze_fraction, then freeze at their hard ranks.
     warmup_fraction: float = 0.1
     freeze_fraction: float = 0.7
+    # Once the ranks freeze, cut the factors and their optimizer state to the hard ranks: the step then
+    # computes and keeps only the components the forward pass uses (the same arithmetic). One process and
+    # torch's optimizers only; elsewhere the factors keep r_max, masked. false keeps r_max everywhere.
+    cut_at_freeze: bool = True
 
     def validate(self, where: str) -> None:
         if self.mode == "budget" and (self.budget_avg_rank is None) == (self.budget_params is None):

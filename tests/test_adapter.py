@@ -275,3 +275,37 @@ def test_fused_branch_ignores_autocast_and_computes_in_the_adapter_dtype():
     out.float().sum().backward()
     assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == layer.ranks.values.grad.dtype == torch.float32
     torch.testing.assert_close(layer.lora_B.grad, torch.ones(2, 8).t() @ (x @ layer.lora_A.t() * layer.rank_mask() * layer.scaling).detach())
+
+
+def test_cutting_the_factors_to_the_frozen_rank_changes_no_output_or_gradient():
+    torch.manual_seed(0)
+    layer = adapter_only(r_max=16, rank=6.2, temperature=1.0)
+    layer.ranks.learning = False
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    upstream = torch.randn(3, 5, 24)
+    before, (dx, dA, dB, _) = branch_grads(layer, x, upstream, ours=True)
+    A, B = layer.lora_A, layer.lora_B
+    layer.resize_(6)
+    assert layer.components == 6 and layer.lora_A is A and layer.lora_B is B  # an optimizer keeps its parameters
+    after, (dx_cut, dA_cut, dB_cut, _) = branch_grads(layer, x, upstream, ours=True)
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx_cut, dx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dA_cut, dA[:6], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dB_cut, dB[:, :6], rtol=1e-6, atol=1e-6)
+    assert layer.delta_weight().shape == (24, 40)
+
+    with torch.no_grad():
+        layer.ranks.values[layer.index] = 9.0
+    with pytest.raises(RuntimeError, match="hold 6 components and the forward pass needs 9"):
+        layer(x)
+    layer.resize_(16)  # grown back: the new components start from a fresh A and a zero B, so they add nothing yet
+    with torch.no_grad():
+        layer.ranks.values[layer.index] = 6.2
+    assert layer.components == 16 and bool((layer.lora_B[:, 6:] == 0).all()) and bool(layer.lora_A[6:].abs().sum() > 0)
+    with torch.no_grad():
+        layer.ranks.values[layer.index] = 16.0
+        grown = layer(x)
+        layer.ranks.values[layer.index] = 6.0
+        torch.testing.assert_close(grown, layer(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="expected 0 <= components <= r_max=16, got 17"):
+        layer.resize_(17)

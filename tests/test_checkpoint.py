@@ -85,3 +85,28 @@ def test_a_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
         save_adapter(tmp_path, layers, config)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+
+def test_cut_factors_are_saved_cut_and_load_into_a_fresh_model(tmp_path):
+    model, tokenizer, layers, config = trained_model()
+    for layer in layers.values():
+        layer.resize_(layer.hard_rank())
+    save_adapter(tmp_path, layers, config)
+    fresh, _ = load_backbone(ModelConfig(init_config=TINY_LLAMA))
+    loaded, _ = load_adapter(tmp_path, fresh)
+    assert {n: m.components for n, m in loaded.items()} == {n: m.components for n, m in layers.items()}
+    assert len({m.components for m in loaded.values()}) > 1
+    ids = tokenizer(["a round trip"], return_tensors="pt").to(model.device)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, fresh(**ids).logits)
+
+
+def test_a_rank_beyond_the_saved_components_is_refused(tmp_path):
+    _model, _, layers, config = trained_model()
+    name, layer = list(layers.items())[1]  # rank 1.75: two components switched on
+    layer.resize_(1)
+    save_adapter(tmp_path, layers, config)
+    fresh, _ = load_backbone(ModelConfig(init_config=TINY_LLAMA))
+    with pytest.raises(QLRError, match=f"{name}: rank 2 needs more components than the 1 saved"):
+        load_adapter(tmp_path, fresh)

@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from qlrlora.config import recipe_from_dict
 from qlrlora.rundir import COMPLETE_MARKER
@@ -246,3 +248,58 @@ def test_group_by_length_draws_each_pass_from_the_seed_and_the_pass(tmp_path, mo
     passes.clear()
     trainer.train()
     assert list(dict.fromkeys(passes)) == [0, 1, 2]  # (accelerate and Trainer each call it)
+
+
+def factors_and_state(trainer):
+    """Per layer: its components, its live factors, and the shapes of its AdamW moments."""
+    state = trainer.optimizer.optimizer.state if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer.state
+    result = {}
+    for name, layer in trainer.layers.items():
+        k = layer.hard_rank()
+        moments = [tuple(state[p]["exp_avg"].shape) for p in (layer.lora_A, layer.lora_B)]
+        result[name] = (layer.components, layer.lora_A[:k].detach().clone(), layer.lora_B[:, :k].detach().clone(), moments)
+    return result
+
+
+@pytest.mark.parametrize("rank", [{"mode": "fixed", "budget_avg_rank": None}, {}], ids=["fixed", "budget"])
+def test_frozen_ranks_cut_the_factors_and_their_adam_state_and_training_is_unchanged(tmp_path, rank):
+    """Ranks fixed from the start are cut at train begin, learned ones after the step that froze them (14 of 20);
+    the losses and the live factors are those of the run that keeps r_max components, masked."""
+    runs = {}
+    for cut in (True, False):
+        recipe = tiny_recipe(tmp_path / str(cut), adapter={"init_rank": 5.0}, rank={**rank, "cut_at_freeze": cut},
+                             train={"save_strategy": "no", "optim": "adamw_torch"})
+        trainer = run(recipe)
+        runs[cut] = (trainer, factors_and_state(trainer))
+    (cut_trainer, cut), (_, kept) = runs[True], runs[False]
+    assert cut_trainer.controller.frozen
+    for name, (components, A, B, moments) in cut.items():
+        k = A.shape[0]
+        assert components == k < 8 and moments == [(k, A.shape[1]), (B.shape[0], k)], name
+        assert kept[name][0] == 8 and kept[name][3] == [(8, A.shape[1]), (B.shape[0], 8)], name
+        torch.testing.assert_close(A, kept[name][1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B, kept[name][2], rtol=1e-5, atol=1e-6)
+    losses = {cut: [row["loss"] for row in trainer.state.log_history if "loss" in row] for cut, (trainer, _) in runs.items()}
+    assert len(losses[True]) == 20 and losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_a_run_resumed_from_cut_factors_reproduces_the_rest(tmp_path):
+    settings = {"adapter": {"init_rank": 5.0}, "rank": {"mode": "fixed", "budget_avg_rank": None}, "train": {"optim": "adamw_torch"}}
+    full = tiny_recipe(tmp_path / "full", **settings)
+    run(full)
+    saved = load_file(str(Path(full.output.dir) / "checkpoint-10" / "lrlora_adapter.safetensors"))
+    assert {t.shape[0] for name, t in saved.items() if name.endswith("lora_A")} == {5}
+    resumed = tiny_recipe(tmp_path / "resumed", **{**settings, "output": {"resume": str(Path(full.output.dir) / "checkpoint-10")}})
+    trainer = run(resumed)
+    assert {layer.components for layer in trainer.layers.values()} == {5}
+    a, b = history(full.output.dir), history(resumed.output.dir)
+    for step in range(11, 21):
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-5, (step, a[step]["loss"], b[step]["loss"])
+
+
+def test_an_optimizer_whose_state_is_not_torchs_keeps_the_factors_whole_and_says_so(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, adapter={"init_rank": 5.0}, rank={"mode": "fixed", "budget_avg_rank": None},
+                         train={"save_strategy": "no", "optim": "adafactor", "max_steps": 3})
+    trainer = run(recipe)
+    assert {layer.components for layer in trainer.layers.values()} == {8}
+    assert "the factors keep r_max components, masked (the optimizer Adafactor keeps a state" in capsys.readouterr().err
