@@ -24,7 +24,8 @@ Configurations (`CONFIGS`):
 - `qlr_learning_at64`, `qlr_learning_at28`, `qlr_frozen_at16`: the three phases of a full-length `qlr_learned`
   run, each timed at the ranks it computes (a bench run is too short for the rank schedule: its ranks are
   still near r_max when the freeze cuts them to the budget): the warm-up at rank 64 and the pruning phase
-  at its mean rank, 28, both with the rank's gradient computed, and the frozen budget at 16. The report
+  at its mean rank, 28, both with the rank's gradient computed, and the frozen budget at 16, its factors
+  cut to 16 components (`rank.cut_at_freeze`; `qlr_frozen_at16_uncut` keeps the 64, masked). The report
   weighs them by the recipes' warm-up and freeze fractions (`FULL_RUN_PHASES`) into an estimate of the
   full run's tokens/s, against the stock stack and the rank fixed at 16.
 - `*_ckpt<N>`: gradient checkpointing in the first N of the 32 decoder blocks only
@@ -103,7 +104,10 @@ TINY = {
     "max_position_embeddings": 4096,
     "vocab_size": 320,
 }
-MODELS = {"llama3-8b": LLAMA3_8B, "tiny": TINY}
+# A Llama small enough to time on a CPU, with layers wide enough that the adapter's cost shows.
+SMALL = {**TINY, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
+         "num_key_value_heads": 4}
+MODELS = {"llama3-8b": LLAMA3_8B, "small": SMALL, "tiny": TINY}
 
 # name -> (stack, adapter settings); every QLR configuration also exists with Liger's layer kernels.
 _BASE_CONFIGS = {
@@ -124,6 +128,9 @@ _BASE_CONFIGS = {
                                            "freeze_fraction": 1.0}}),
     "qlr_frozen_at16": ("qlr", {"r_max": 64, "init_rank": 16.0, "alpha": 32.0, "dropout": 0.05,
                                 "rank": {"mode": "fixed"}}),
+    # The frozen phase as it ran before the factors were cut at the freeze: 64 components held, 48 masked.
+    "qlr_frozen_at16_uncut": ("qlr", {"r_max": 64, "init_rank": 16.0, "alpha": 32.0, "dropout": 0.05,
+                                      "rank": {"mode": "fixed", "cut_at_freeze": False}}),
 }
 # The share of a full-length run's steps in each phase: the recipes keep the rank schedule's defaults.
 FULL_RUN_PHASES = {"qlr_learning_at64": RankConfig.warmup_fraction,
@@ -368,11 +375,13 @@ def build(name: str, model_path: str, rows: Path, out: Path, micro_batch: int, s
         recipe = _recipe(settings, model_path, rows, out, micro_batch, seq, steps, liger, offload, checkpointed, optim,
                          use_cpu)
         loaded = None
-        if previous is not None:  # train the same model again, its ranks back at r_max
+        if previous is not None:  # train the same model again, its ranks and factors back at r_max
             loaded = (previous.model, previous.processing_class, previous.layers)
             ranks = next(iter(previous.layers.values())).ranks
             with torch.no_grad():
                 ranks.values.copy_(ranks.r_max)
+            for layer in previous.layers.values():
+                layer.resize_(layer.r_max)
         return build_trainer(recipe, loaded)
     from transformers import set_seed
 
@@ -455,6 +464,7 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         "losses": [row["loss"] for row in history if "loss" in row],
         "flops_per_token": flops_per_token(model_config, seq),
         "memory_limit_gib": memory_gib,
+        "optimizer_state_mib": _optimizer_state_bytes(trainer) / 2**20,
     }
     if controller is not None:
         hard = controller.hard_ranks()
@@ -462,7 +472,18 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         result["hard_ranks_mean"] = sum(hard) / len(hard)
         result["layers_at_rank_0"] = sum(1 for r in hard if r == 0)
         result["hard_ranks"] = hard
+        # what the factors hold at the end: r_max, or the hard ranks once cut at the freeze
+        result["components_mean"] = sum(layer.components for layer in trainer.layers.values()) / len(hard)
     return result
+
+
+def _optimizer_state_bytes(trainer) -> int:
+    """The bytes of the optimizer's state tensors (AdamW's moments of the adapter) at the end of the run."""
+    optimizer = trainer.optimizer
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if hasattr(v, "element_size"))
 
 
 def tokens_trained(trainer) -> float:
@@ -767,6 +788,15 @@ def format_report(report: dict) -> str:
                  row["non_weight_gib"], _ratio(row.get("non_weight_vs_stock")),
                  f"{row['mfu']:.3f}" if row["mfu"] is not None else "", row["max_seq_24gib"] or ""]
         lines.append("| " + " | ".join(str(c) if c is not None else "" for c in cells) + " |")
+    held = [run for run in report["runs"].values() if "optimizer_state_mib" in run]
+    if held:
+        lines += ["", ("What the run holds at its end: the optimizer's state, and the adapter's components per layer "
+                       "(mean; r_max unless cut at the freeze):"), "",
+                  "| config | micro-batch | optimizer state MiB | components |", "| --- | --- | --- | --- |"]
+        for run in held:
+            components = run.get("components_mean")
+            lines.append(f"| {run['config']} | {run['micro_batch']} | {run['optimizer_state_mib']:.1f} | "
+                         f"{'' if components is None else f'{components:g}'} |")
     estimates = full_run_estimates(report)
     if estimates:
         shares = ", ".join(f"{share:g} {name}" for name, share in FULL_RUN_PHASES.items())

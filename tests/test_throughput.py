@@ -92,12 +92,15 @@ def test_a_profile_traces_one_step_of_each_rank_phase_and_leaves_it_out_of_the_t
     assert result["step_s"] == pytest.approx(statistics.median(timed), abs=1e-4)
 
 
-@pytest.mark.parametrize(("name", "rank", "phases"), [("qlr_learning_at28", 28, {"pruning"}), ("qlr_frozen_at16", 16, {"fixed"})])
-def test_a_full_run_phase_trains_at_its_own_ranks_throughout(tmp_path, tiny_model, name, rank, phases):
+@pytest.mark.parametrize(("name", "rank", "phases", "components"), [("qlr_learning_at28", 28, {"pruning"}, 64),
+                                                                 ("qlr_frozen_at16", 16, {"fixed"}, 16),
+                                                                 ("qlr_frozen_at16_uncut", 16, {"fixed"}, 64)])
+def test_a_full_run_phase_trains_at_its_own_ranks_throughout(tmp_path, tiny_model, name, rank, phases, components):
     """The phase configurations hold every layer at their rank for the whole run, the learning one with the rank's
-    gradient computed in every step (its phase stays pruning: no freeze cuts it)."""
+    gradient computed in every step (its phase stays pruning: no freeze cuts it); the frozen phase's factors are
+    cut to its rank unless the configuration keeps them."""
     result = throughput.run_one(name, tiny_model, throughput.TINY, tmp_path, micro_batch=2, seq=96, steps=5)
-    assert result["hard_ranks"] == [rank] * 14
+    assert result["hard_ranks"] == [rank] * 14 and result["components_mean"] == components
     assert set(result["step_s_by_phase"]) == phases
 
 
@@ -271,3 +274,11 @@ def test_unsloth_trains_with_its_own_checkpointing_only(tmp_path, monkeypatch):
         assert train["gradient_accumulation_steps"] == 1  # given, not left to Unsloth's SFTConfig, whose default is 2
     unset = {k: v for k, v in seen[0].items() if k != "gradient_checkpointing"}
     assert SFTConfig(output_dir=str(tmp_path), **unset).gradient_checkpointing  # what leaving it out would give
+
+
+def test_the_report_lists_the_optimizer_state_and_the_components_held():
+    run = {"config": "qlr_frozen_at16", "micro_batch": 2, "tokens_per_s": 100.0, "tokens_per_step": 400.0, "step_s": 4.0,
+           "peak_alloc_gib": None, "peak_reserved_gib": None, "model_gib": None, "flops_per_token": 1e9,
+           "step_s_by_phase": {"fixed": 4.0}, "optimizer_state_mib": 2.25, "components_mean": 16.0}
+    text = throughput.format_report({"gpu": "cpu", "model": "small", "seq": 256, "runs": {"qlr_frozen_at16@2": run}})
+    assert "| qlr_frozen_at16 | 2 | 2.2 | 16 |" in text

@@ -11,6 +11,8 @@
 #   RUNS=/root/qlr-runs7 bash docs/benchmarks/throughput/run.sh phases2  # the same at micro-batch 2
 #   RUNS=/root/qlr-runs7 bash docs/benchmarks/throughput/run.sh profile  # where a pruning step's time goes
 #   RUNS=/root/qlr-runs9 bash docs/benchmarks/throughput/run.sh phases2r  # phases2 in two interleaved rounds
+#   RUNS=/root/qlr-runs10 bash docs/benchmarks/throughput/run.sh cut2  # the frozen phase cut against uncut, micro-batch 2
+#   RUNS=/root/qlr-runs10 ROUNDS=1 bash docs/benchmarks/throughput/run.sh cut8  # the same at micro-batch 8
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt2  # checkpointing fewer blocks, micro-batch 2
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt8  # the same at micro-batch 8
 #   RUNS=/root/qlr-runs5 bash docs/benchmarks/throughput/run.sh cap24  # micro-batch 2 and 4, every run held to 24 GiB
@@ -68,6 +70,9 @@ phases8|phases2)  # a full-length learned-rank run's phases, each at its own ran
 phases2r)  # micro-batch 2, where the host bounds the step: two rounds, every configuration once per round
   bench --micro-batches 2 --steps 12 --rounds 2 --configs stock_peft qlr_learning_at64_liger \
     qlr_learning_at28_liger qlr_frozen_at16_liger qlr_fixed_liger --max-seq ;;
+cut2|cut8)  # the frozen phase with its factors cut to the rank at the freeze, beside the same phase uncut
+  bench --micro-batches "${stage#cut}" --steps 12 --rounds "${ROUNDS:-2}" --configs stock_peft qlr_frozen_at16_liger \
+    qlr_frozen_at16_uncut_liger qlr_fixed_liger --max-seq ;;
 profile)  # one step of each rank phase traced (torch.profiler), learned ranks beside the rank fixed at 16
   bench --micro-batches 8 2 --steps 12 --configs qlr_learned_liger qlr_fixed_liger --max-seq --profile ;;
 unsloth24)  # Unsloth's longest sequence at micro-batch 1 within 24 GiB (its site as for `unsloth`)
