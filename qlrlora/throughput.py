@@ -479,9 +479,9 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
 
 def _optimizer_state_bytes(trainer) -> int:
     """The bytes of the optimizer's state tensors (AdamW's moments of the adapter) at the end of the run."""
-    optimizer = trainer.optimizer
-    while hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
+    from qlrlora.trainer import unwrap_optimizer
+
+    optimizer = unwrap_optimizer(trainer.optimizer)
     return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
                if hasattr(v, "element_size"))
 

@@ -49,6 +49,13 @@ from qlrlora.report import layer_ranks, mean_rank, write_rank_report
 from qlrlora.rundir import COMPLETE_MARKER
 
 
+def unwrap_optimizer(optimizer):
+    """The optimizer inside accelerate's wrapper (None stays None: before the trainer creates one)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 class QLRSFTTrainer(SFTTrainer):
     def __init__(
         self,
@@ -129,9 +136,9 @@ class QLRSFTTrainer(SFTTrainer):
         gathered = self.accelerator.gather(ranks.to(self.accelerator.device)[None])
         return float((gathered.max(dim=0).values - gathered.min(dim=0).values).max())
 
-    def cut_frozen_factors(self) -> int:
+    def cut_frozen_factors(self) -> None:
         """Once the ranks are frozen, cut every layer's factors (and their gradients) to its hard rank, and the
-        optimizer's state of them alike (`rank.cut_at_freeze`); returns the components removed.
+        optimizer's state of them alike (`rank.cut_at_freeze`).
 
         The forward pass is unchanged (the components cut are switched off for good), and the step stops
         zero-filling their gradients, updating them and keeping their AdamW moments: at r_max 64 and a
@@ -141,38 +148,29 @@ class QLRSFTTrainer(SFTTrainer):
         (bitsandbytes' 8-bit optimizers keep blockwise-quantized state). Elsewhere the factors keep r_max
         and the switched-off components stay masked, as before the freeze; `cut_blocked` says why."""
         if not (self.rank_config.cut_at_freeze and self.controller.frozen) or self.cut_blocked():
-            return 0
-        optimizer = self._unwrapped_optimizer()
+            return
+        optimizer = unwrap_optimizer(self.optimizer)
         state = optimizer.state if optimizer is not None else {}
-        removed, hard_ranks = 0, self.controller.hard_ranks()
+        hard_ranks = self.controller.hard_ranks()
         for layer in self.layers.values():
             hard = hard_ranks[layer.index]
             if layer.components == hard:
                 continue
-            removed += layer.components - hard
             shapes = {p: p.shape for p in (layer.lora_A, layer.lora_B)}
             layer.resize_(hard)
             for p, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):  # the components: A's rows, B's columns
                 for key, value in state.get(p, {}).items():
                     if torch.is_tensor(value) and value.shape == shapes[p]:
                         state[p][key] = value.narrow(dim, 0, hard).clone()
-        return removed
 
     def cut_blocked(self) -> str | None:
         """Why `cut_frozen_factors` cannot cut here, or None."""
         if self.accelerator.distributed_type != DistributedType.NO:
             return f"{self.accelerator.distributed_type.value} fixes the parameters' shapes when it wraps the model"
-        optimizer = self._unwrapped_optimizer()
+        optimizer = unwrap_optimizer(self.optimizer)
         if optimizer is not None and not type(optimizer).__module__.startswith("torch.optim"):
             return f"the optimizer {type(optimizer).__name__} keeps a state this trainer does not know how to cut"
         return None
-
-    def _unwrapped_optimizer(self):
-        """The optimizer inside accelerate's wrapper, or None before it is created."""
-        optimizer = self.optimizer
-        while hasattr(optimizer, "optimizer"):
-            optimizer = optimizer.optimizer
-        return optimizer
 
     def finished_at(self, checkpoint: str | Path) -> bool:
         """True when `checkpoint` was saved at the last step of its run: there is nothing left to train."""

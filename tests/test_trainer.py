@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from qlrlora.config import recipe_from_dict
 from qlrlora.rundir import COMPLETE_MARKER
 from qlrlora.sft import build_trainer, run
+from qlrlora.trainer import unwrap_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny_cpu.yaml"
@@ -252,7 +253,7 @@ def test_group_by_length_draws_each_pass_from_the_seed_and_the_pass(tmp_path, mo
 
 def factors_and_state(trainer):
     """Per layer: its components, its live factors, and the shapes of its AdamW moments."""
-    state = trainer.optimizer.optimizer.state if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer.state
+    state = unwrap_optimizer(trainer.optimizer).state
     result = {}
     for name, layer in trainer.layers.items():
         k = layer.hard_rank()

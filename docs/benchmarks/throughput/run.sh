@@ -12,7 +12,7 @@
 #   RUNS=/root/qlr-runs7 bash docs/benchmarks/throughput/run.sh profile  # where a pruning step's time goes
 #   RUNS=/root/qlr-runs9 bash docs/benchmarks/throughput/run.sh phases2r  # phases2 in two interleaved rounds
 #   RUNS=/root/qlr-runs10 bash docs/benchmarks/throughput/run.sh cut2  # the frozen phase cut against uncut, micro-batch 2
-#   RUNS=/root/qlr-runs10 ROUNDS=1 bash docs/benchmarks/throughput/run.sh cut8  # the same at micro-batch 8
+#   RUNS=/root/qlr-runs11 ROUNDS=3 bash docs/benchmarks/throughput/run.sh cut8  # the same at micro-batch 8
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt2  # checkpointing fewer blocks, micro-batch 2
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt8  # the same at micro-batch 8
 #   RUNS=/root/qlr-runs5 bash docs/benchmarks/throughput/run.sh cap24  # micro-batch 2 and 4, every run held to 24 GiB
