@@ -42,7 +42,9 @@ Measured per run: tokens per second (TRL's count of trained tokens over the time
 median step time after the first 3 steps (and per rank phase for learned ranks: at r_max during the
 warm-up, while the ranks move, once they are frozen), peak allocated and reserved GPU memory, the
 memory of the loaded model (allocated once the trainer is built, before the first step), the losses,
-and MFU: the FLOPs a step needs (below) over the bf16 matrix-product peak measured in the same run.
+MFU: the FLOPs a step needs (below) over the bf16 matrix-product peak measured in the same run, the
+optimizer's state, and the bytes per token one decoder block saves for its backward pass (`saved_per_block`,
+after the run: what a checkpointed block holds between its recompute and its backward, on any device).
 
 FLOPs per token: 4 x the parameters of the linear layers of the blocks and the LM head (forward,
 and the backward pass to the inputs: the frozen base needs no weight gradient; the adapters' own
@@ -434,6 +436,7 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
     given = _LongestInput(trainer.model)
     trainer.train()
     given.remove()
+    saved = saved_per_block(trainer.model, micro_batch, seq, trainer.accelerator.autocast)
     history = trainer.state.log_history
     tokens = tokens_trained(trainer)
     profiled = set(profiles.steps) if profiles is not None else set()
@@ -465,6 +468,7 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         "flops_per_token": flops_per_token(model_config, seq),
         "memory_limit_gib": memory_gib,
         "optimizer_state_mib": _optimizer_state_bytes(trainer) / 2**20,
+        "saved_block_bytes_per_token": saved,
     }
     if controller is not None:
         hard = controller.hard_ranks()
@@ -475,6 +479,68 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         # what the factors hold at the end: r_max, or the hard ranks once cut at the freeze
         result["components_mean"] = sum(layer.components for layer in trainer.layers.values()) / len(hard)
     return result
+
+
+class _BlockInputs(Exception):
+    """Raised by a forward pre-hook to stop a forward pass once the first decoder block's inputs are known."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def saved_per_block(model, micro_batch: int, seq: int, autocast) -> float | None:
+    """Bytes per token that autograd keeps for the backward pass of the first decoder block: the distinct storages,
+    the weights left out, that the block saves while its forward runs with autograd in training mode (dropout on).
+
+    A checkpointed block holds these from its recompute to its backward, so this is the share of the peak that one
+    block adds on top of the checkpoints, and it can be measured on any device (a CPU too). The block runs once on
+    random tokens, with checkpointing off for that call, under `autocast` (the trainer's). None for a model without
+    transformers' decoder blocks."""
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    block = next((m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)), None)
+    if block is None:
+        return None
+
+    def stop(module, args, kwargs):
+        raise _BlockInputs(args, kwargs)
+
+    device = next(p.device for p in model.parameters())
+    ids = torch.randint(model.config.vocab_size, (micro_batch, seq), device=device)
+    handle = block.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with torch.no_grad(), autocast():
+            model(input_ids=ids, use_cache=False)
+        raise RuntimeError("the forward pass never reached a decoder block")
+    except _BlockInputs as inputs:
+        args, kwargs = inputs.args, inputs.kwargs
+    finally:
+        handle.remove()
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    checkpointing, training = block.gradient_checkpointing, model.training
+    block.gradient_checkpointing = False
+    model.train()
+    try:
+        if args:
+            args = (args[0].detach().requires_grad_(True), *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+        with torch.enable_grad(), autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(*args, **kwargs)
+    finally:
+        block.gradient_checkpointing = checkpointing
+        model.train(training)
+    return sum(saved.values()) / (micro_batch * seq)
 
 
 def _optimizer_state_bytes(trainer) -> int:
@@ -790,13 +856,16 @@ def format_report(report: dict) -> str:
         lines.append("| " + " | ".join(str(c) if c is not None else "" for c in cells) + " |")
     held = [run for run in report["runs"].values() if "optimizer_state_mib" in run]
     if held:
-        lines += ["", ("What the run holds at its end: the optimizer's state, and the adapter's components per layer "
-                       "(mean; r_max unless cut at the freeze):"), "",
-                  "| config | micro-batch | optimizer state MiB | components |", "| --- | --- | --- | --- |"]
+        lines += ["", ("What the run holds at its end: the optimizer's state, the adapter's components per layer "
+                       "(mean; r_max unless cut at the freeze), and what one decoder block saves for its backward pass "
+                       "(bytes per token; `saved_per_block`):"), "",
+                  "| config | micro-batch | optimizer state MiB | components | saved per block, bytes/token |",
+                  "| --- | --- | --- | --- | --- |"]
         for run in held:
-            components = run.get("components_mean")
+            components, saved = run.get("components_mean"), run.get("saved_block_bytes_per_token")
             lines.append(f"| {run['config']} | {run['micro_batch']} | {run['optimizer_state_mib']:.1f} | "
-                         f"{'' if components is None else f'{components:g}'} |")
+                         f"{'' if components is None else f'{components:g}'} | "
+                         f"{'' if saved is None else f'{saved:,.0f}'} |")
     estimates = full_run_estimates(report)
     if estimates:
         shares = ", ".join(f"{share:g} {name}" for name, share in FULL_RUN_PHASES.items())

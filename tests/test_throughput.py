@@ -38,6 +38,7 @@ def test_each_configuration_trains_and_reports_its_figures(tmp_path, tiny_model,
     assert result["steps"] == 8 and len(result["step_s_all"]) == 8 and len(result["losses"]) == 8
     assert result["tokens_per_s"] > 0 and result["tokens_per_step"] == pytest.approx(2 * (96 - 1), rel=0.02)
     assert result["longest_input"] == 96 - 1  # each row whole, as the model was given it
+    assert result["saved_block_bytes_per_token"] > 64 * 2  # one block saves more than its bf16 input
     phases = set(result["step_s_by_phase"])
     assert phases == ({"fixed"} if name == "stock_peft" else {"pruning", "frozen"}), phases
     if name != "stock_peft":  # 8 steps freeze the ranks far above the budget: the cut takes from every layer in turn
@@ -279,6 +280,36 @@ def test_unsloth_trains_with_its_own_checkpointing_only(tmp_path, monkeypatch):
 def test_the_report_lists_the_optimizer_state_and_the_components_held():
     run = {"config": "qlr_frozen_at16", "micro_batch": 2, "tokens_per_s": 100.0, "tokens_per_step": 400.0, "step_s": 4.0,
            "peak_alloc_gib": None, "peak_reserved_gib": None, "model_gib": None, "flops_per_token": 1e9,
-           "step_s_by_phase": {"fixed": 4.0}, "optimizer_state_mib": 2.25, "components_mean": 16.0}
+           "step_s_by_phase": {"fixed": 4.0}, "optimizer_state_mib": 2.25, "components_mean": 16.0,
+           "saved_block_bytes_per_token": 21760.0}
     text = throughput.format_report({"gpu": "cpu", "model": "small", "seq": 256, "runs": {"qlr_frozen_at16@2": run}})
-    assert "| qlr_frozen_at16 | 2 | 2.2 | 16 |" in text
+    assert "| qlr_frozen_at16 | 2 | 2.2 | 16 | 21,760 |" in text
+
+
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in throughput.TINY.items() if k != "model_type"}
+    return LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_saved_per_block_counts_what_the_block_keeps_per_token(dropout):
+    """Counted once per storage, weights left out; per token about the same at any batch (the rotary tables are per
+    position, not per token); PEFT's dropout keeps a copy of each adapted layer's input and its mask, which the
+    count sees."""
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+
+    def saved(p, micro_batch=2, seq=32):
+        model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_dropout=p, target_modules="all-linear"))
+        return throughput.saved_per_block(model, micro_batch, seq, contextlib.nullcontext)
+
+    plain = saved(0.0)
+    assert saved(dropout, micro_batch=4) == pytest.approx(saved(dropout), rel=0.02) and plain > 0
+    if dropout:
+        # six layers read a hidden-sized input (q, k, v, o, gate, up); each keeps its own dropped fp32 copy of it
+        assert saved(dropout) - plain >= 6 * 4 * throughput.TINY["hidden_size"]
