@@ -25,6 +25,7 @@ trainer.py when.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -139,8 +140,35 @@ class Ranks:
         self.values.copy_(self.hard().float())
 
 
+@functools.cache
+def _dropout_generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device)
+
+
+def _dropout_seed() -> int:
+    """A seed for one dropout mask, drawn from the CPU's global generator: gradient checkpointing restores that
+    generator's state before it recomputes a block, so the recomputation draws the same seed, hence the same mask."""
+    return int(torch.randint(1 << 62, (1,)))
+
+
+def _redraws(device: torch.device) -> bool:
+    """Whether the backward pass draws a dropout mask again instead of keeping it: on a GPU, where drawing it (Philox)
+    is one more pass over memory, yes; on a CPU, where drawing them again slowed the bench's step by about a fifth
+    (docs/benchmarks/throughput.md), no: the mask is kept, a byte per entry."""
+    return device.type == "cuda"
+
+
+def _kept(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Which entries of `x` dropout with probability `p` keeps (bool), drawn from `seed` alone: the backward pass draws
+    the mask again instead of keeping it."""
+    generator = _dropout_generator(x.device)
+    generator.manual_seed(seed)
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p, generator=generator)
+
+
 class _LowRankUpdate(torch.autograd.Function):
-    """`result + s * (x A[:k]^T) B[:, :k]^T`, the base output plus the first `k` components, as one autograd node.
+    """`result + s * (d(x) A[:k]^T) B[:, :k]^T`, the base output plus the first `k` components of the branch fed by
+    dropout `d`, as one autograd node.
 
     The mask is a prefix, so the forward pass computes only the live components (`k`, the hard rank)
     and adds them to the base output in one matrix product (`addmm`, the scale as its alpha): no mask
@@ -157,48 +185,67 @@ class _LowRankUpdate(torch.autograd.Function):
     autograd (that cost an indexing node per layer and its backward). Matmuls run in the factors'
     dtype, the rank's gradient in fp32; autocast is off inside, so the adapter computes in its own
     dtype whether or not the trainer runs under autocast.
+
+    Dropout (probability `p`, its mask drawn from `seed`) happens inside: the node keeps `x` itself,
+    which the other layers that read it (q, k and v; gate and up) keep too, and on a GPU draws the
+    mask again in the backward pass (on a CPU it keeps the mask, a byte per entry: `_redraws`).
+    Dropout as a module of its own keeps, per adapted layer, the dropped copy of its input and the
+    mask, in every adapted layer: the largest share of what a decoder block keeps for its backward
+    pass besides the block's own activations (docs/benchmarks/throughput.md). The kept entries are
+    scaled by 1 / (1 - p) through the products' alpha, not by a pass of their own.
     """
 
     @staticmethod
-    def forward(ctx, result, x, A, B, k, kk, slope, scaling, ranks, index):
+    def forward(ctx, result, x, A, B, k, kk, slope, scaling, ranks, index, p=0.0, seed=0):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
-            h = x2 @ A[:kk].t()
+            kept = None
+            if p:
+                kept = _kept(x2, p, seed)
+                h = _scaled_mm((x2 * kept).to(A.dtype), A[:kk].t(), 1 / (1 - p))
+            else:
+                h = x2.to(A.dtype) @ A[:kk].t()
             flat = result.reshape(-1, result.shape[-1])
             if flat.dtype == A.dtype:
                 out = torch.addmm(flat, h[:, :k], B[:, :k].t(), alpha=scaling)
             else:
                 out = flat + _scaled_mm(h[:, :k], B[:, :k].t(), scaling).to(flat.dtype)
-            ctx.save_for_backward(x, A, B, h, slope)
-            ctx.k, ctx.scaling, ctx.ranks, ctx.index = k, scaling, ranks, index
+            ctx.save_for_backward(x, A, B, h, slope, None if kept is None or _redraws(x.device) else kept)
+            ctx.k, ctx.scaling, ctx.ranks, ctx.index, ctx.p, ctx.seed = k, scaling, ranks, index, p, seed
             return out.view(result.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, A, B, h, slope = ctx.saved_tensors
-        k, kk, s = ctx.k, h.shape[-1], ctx.scaling
+        x, A, B, h, slope, kept = ctx.saved_tensors
+        k, kk, s, p = ctx.k, h.shape[-1], ctx.scaling, ctx.p
         need_result, need_x, need_A, need_B = ctx.needs_input_grad[:4]
         dx = dA = dB = None
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(B.dtype)
             x2 = x.reshape(-1, x.shape[-1])
+            if p and kept is None and (need_A or need_x):
+                kept = _kept(x2, p, ctx.seed)
             dg = dy2 @ B[:, :kk]  # unscaled; every product below takes the scale as its alpha
             if need_B:
                 dB = torch.zeros_like(B) if k < B.shape[1] else torch.empty_like(B)
                 _scaled_mm(dy2.t(), h[:, :k], s, out=dB[:, :k])
             if need_A:
                 dA = torch.zeros_like(A) if k < A.shape[0] else torch.empty_like(A)
-                _scaled_mm(dg[:, :k].t(), x2, s, out=dA[:k])
+                dropped = x2 if kept is None else kept * x2
+                _scaled_mm(dg[:, :k].t(), dropped.to(A.dtype), s / (1 - p), out=dA[:k])
             if need_x:
-                dx = _scaled_mm(dg[:, :k], A[:k], s).view(x.shape)
+                dx = _scaled_mm(dg[:, :k], A[:k], s / (1 - p)).to(x.dtype)
+                if kept is not None:
+                    dx.mul_(kept)
+                dx = dx.view(x.shape)
             if slope is not None:
                 values = ctx.ranks.values
                 if values.grad is None:
                     values.grad = torch.zeros_like(values)
                 dm = (dg.float() * h.float()).sum(0)
                 values.grad.narrow(0, ctx.index, 1).addmv_(dm[None], slope, alpha=s)
-        return dy if need_result else None, dx, dA, dB, None, None, None, None, None, None
+        return dy if need_result else None, dx, dA, dB, None, None, None, None, None, None, None, None
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,7 +301,7 @@ class LRLoRALinear(nn.Module):
         self.ranks = ranks
         self.index = index
         self.scaling = alpha / math.sqrt(r_max)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         A = torch.empty(r_max, self.in_features, dtype=torch.float32, device=device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A = nn.Parameter(A.to(dtype))
@@ -316,9 +363,10 @@ class LRLoRALinear(nn.Module):
             raise RuntimeError(
                 f"LR-LoRA layer {self.index}: the factors hold {self.lora_A.shape[0]} components and the forward "
                 f"pass needs {kk}; cut factors are for frozen ranks (resize_ grows them back)")
+        p = self.dropout if self.training else 0.0
         return _LowRankUpdate.apply(
-            result, self.dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B, k, kk, slope, self.scaling,
-            self.ranks, self.index,
+            result, x, self.lora_A, self.lora_B, k, kk, slope, self.scaling, self.ranks, self.index, p,
+            _dropout_seed() if p else 0,
         )
 
     @torch.no_grad()
@@ -338,5 +386,6 @@ class LRLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r_max={self.r_max}, "
-            f"components={self.components}, rank={float(self.rank.detach()):.2f}, scaling={self.scaling:.4g}"
+            f"components={self.components}, rank={float(self.rank.detach()):.2f}, scaling={self.scaling:.4g}, "
+            f"dropout={self.dropout:g}"
         )

@@ -309,3 +309,109 @@ def test_cutting_the_factors_to_the_frozen_rank_changes_no_output_or_gradient():
         torch.testing.assert_close(grown, layer(x), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="expected 0 <= components <= r_max=16, got 17"):
         layer.resize_(17)
+
+
+@pytest.mark.parametrize("redraws", [True, False])
+def test_fused_dropout_passes_gradcheck_in_float64(redraws, monkeypatch):
+    """With dropout inside the node, the backward pass uses the forward's mask, drawn again from its seed (GPU) or
+    kept (CPU): the gradients of the input and the factors are exact."""
+    from qlrlora import adapter
+    from qlrlora.adapter import _LowRankUpdate
+
+    monkeypatch.setattr(adapter, "_redraws", lambda device: redraws)
+    torch.manual_seed(0)
+    result = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    for k in (3, 6):
+        assert torch.autograd.gradcheck(
+            lambda *t, k=k: _LowRankUpdate.apply(*t, k, k, None, 1.3, None, 0, 0.5, 1234), (result, x, A, B)
+        ), k
+
+
+@pytest.mark.parametrize("redraws", [True, False])
+def test_fused_dropout_is_the_reference_dropout_with_the_same_mask(redraws, monkeypatch):
+    """Forward and every gradient, the rank's included, equal the branch fed by x * mask / (1 - p), written out."""
+    from qlrlora import adapter
+
+    monkeypatch.setattr(adapter, "_redraws", lambda device: redraws)
+    torch.manual_seed(0)
+    layer = adapter_only(r_max=10, rank=5.4, temperature=0.7)
+    layer.dropout = 0.3
+    x = torch.randn(4, 9, 40, requires_grad=True)
+    upstream = torch.randn(4, 9, 24)
+    monkeypatch.setattr(adapter, "_dropout_seed", lambda: 99)
+    ours, our_grads = branch_grads(layer, x, upstream, ours=True)
+    mask = adapter._kept(x.detach().reshape(-1, 40), 0.3, 99).view(x.shape)
+    assert mask.dtype == torch.bool and 0.6 < float(mask.float().mean()) < 0.8
+    for t in (x, layer.lora_A, layer.lora_B, layer.ranks.values):
+        t.grad = None
+    theirs = layer.base(x) + reference_delta(layer, x * mask / 0.7)
+    (theirs * upstream).sum().backward()
+    their_grads = (x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.ranks.values.grad)
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(ours, theirs, **tol)
+    assert_grads_close(our_grads, their_grads, tol)
+
+
+def test_dropout_draws_a_fresh_mask_per_call_in_training_and_none_in_eval():
+    torch.manual_seed(0)
+    layer = adapter_only(r_max=8, rank=8.0, temperature=1.0)
+    plain = layer(x := torch.randn(64, 40)).detach()
+    layer.dropout = 0.5
+    first, second = layer(x), layer(x)
+    assert not torch.equal(first, plain) and not torch.equal(first, second)
+    layer.eval()
+    torch.testing.assert_close(layer(x), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("redraws", [True, False])
+def test_checkpointing_recomputes_the_same_dropout_masks(redraws, monkeypatch):
+    """Gradient checkpointing restores the CPU generator before it recomputes, so the recomputation draws the same
+    seeds: the gradients are those of the same forward pass without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    from qlrlora import adapter
+
+    monkeypatch.setattr(adapter, "_redraws", lambda device: redraws)
+    torch.manual_seed(0)
+    first = trained_layer(nn.Linear(40, 40), r_max=8, alpha=4.0, dtype=torch.float32, dropout=0.3)
+    second = trained_layer(nn.Linear(40, 24), r_max=8, alpha=4.0, dtype=torch.float32, dropout=0.3)
+    x = torch.randn(6, 40, requires_grad=True)
+
+    def grads(checkpointed: bool):
+        for t in (x, first.lora_A, second.lora_A, second.lora_B):
+            t.grad = None
+        torch.manual_seed(5)
+
+        def block(t):
+            return second(torch.relu(first(t)))
+
+        out = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+        out.square().sum().backward()
+        return [t.grad.clone() for t in (x, first.lora_A, second.lora_A, second.lora_B)]
+
+    for plain, recomputed in zip(grads(False), grads(True)):
+        torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("redraws", [True, False])
+def test_dropout_keeps_no_copy_of_the_input_for_the_backward_pass(redraws, monkeypatch):
+    """The node keeps the input it was given, not a dropped copy: with the mask drawn again, the same storages as
+    without dropout; kept, one byte more per entry of the input."""
+    from qlrlora import adapter
+
+    monkeypatch.setattr(adapter, "_redraws", lambda device: redraws)
+
+    def saved(p):
+        torch.manual_seed(0)
+        layer = trained_layer(nn.Linear(40, 24), r_max=8, alpha=4.0, dtype=torch.float32, dropout=p)
+        x = torch.randn(6, 40, requires_grad=True)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            layer(x)
+        weights = {q.untyped_storage().data_ptr() for q in layer.parameters()}
+        return sorted(t.untyped_storage().nbytes() for t in kept if t.untyped_storage().data_ptr() not in weights)
+
+    assert saved(0.3) == sorted(saved(0.0) + ([] if redraws else [6 * 40]))

@@ -43,3 +43,32 @@ def test_trainer_with_bf16_autocast_and_paged_8bit_adamw_moves_fp32_ranks(tmp_pa
     assert bool((ranks.values.detach() != start).any())
     assert trainer.controller.frozen and trainer.controller.live_params() <= trainer.controller.budget_params()
     assert all(p.dtype == torch.bfloat16 for layer in trainer.layers.values() for p in (layer.lora_A, layer.lora_B))
+
+
+def test_dropout_on_cuda_draws_its_mask_again_and_matches_the_reference(monkeypatch):
+    """On a GPU the adapter keeps no dropout mask for the backward pass; the gradients are those of x * mask / (1 - p)
+    written out with the mask drawn from the same seed."""
+    from torch import nn
+
+    from qlrlora import adapter
+
+    torch.manual_seed(0)
+    layer = adapter.LRLoRALinear(nn.Linear(64, 32, bias=False).cuda(), r_max=8, alpha=4.0, dtype=torch.float32,
+                                 dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    monkeypatch.setattr(adapter, "_dropout_seed", lambda: 7)
+    x = torch.randn(16, 64, device="cuda", requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert not any(t.dtype == torch.bool for t in kept)
+    out.square().sum().backward()
+    mask = adapter._kept(x.detach(), 0.3, 7)
+    assert mask.is_cuda and 0.5 < float(mask.float().mean()) < 0.9
+    x_ref, A, B = (t.detach().clone().requires_grad_(True) for t in (x, layer.lora_A, layer.lora_B))
+    ref = layer.base(x_ref) + (x_ref * mask / 0.7) @ A.t() @ B.t() * layer.scaling
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for ours, theirs in ((x.grad, x_ref.grad), (layer.lora_A.grad, A.grad), (layer.lora_B.grad, B.grad)):
+        torch.testing.assert_close(ours, theirs)
