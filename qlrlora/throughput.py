@@ -44,7 +44,8 @@ warm-up, while the ranks move, once they are frozen), peak allocated and reserve
 memory of the loaded model (allocated once the trainer is built, before the first step), the losses,
 MFU: the FLOPs a step needs (below) over the bf16 matrix-product peak measured in the same run, the
 optimizer's state, and the bytes per token one decoder block saves for its backward pass (`saved_per_block`,
-after the run: what a checkpointed block holds between its recompute and its backward, on any device).
+after the run: what a checkpointed block holds between its recompute and its backward, on any device;
+`--model llama3-8b-block`, one decoder block of the 8B shape with the tiny vocabulary, measures it on a CPU).
 
 FLOPs per token: 4 x the parameters of the linear layers of the blocks and the LM head (forward,
 and the backward pass to the inputs: the frozen base needs no weight gradient; the adapters' own
@@ -109,7 +110,10 @@ TINY = {
 # A Llama small enough to time on a CPU, with layers wide enough that the adapter's cost shows.
 SMALL = {**TINY, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 8,
          "num_key_value_heads": 4}
-MODELS = {"llama3-8b": LLAMA3_8B, "small": SMALL, "tiny": TINY}
+# One decoder block of Llama-3-8B's shape with the tiny vocabulary: what a block keeps for its backward pass at the 8B
+# shape (`saved_per_block`), measurable on a CPU.
+LLAMA3_8B_BLOCK = {**LLAMA3_8B, "num_hidden_layers": 1, "vocab_size": TINY["vocab_size"]}
+MODELS = {"llama3-8b": LLAMA3_8B, "llama3-8b-block": LLAMA3_8B_BLOCK, "small": SMALL, "tiny": TINY}
 
 # name -> (stack, adapter settings); every QLR configuration also exists with Liger's layer kernels.
 _BASE_CONFIGS = {

@@ -13,6 +13,9 @@
 #   RUNS=/root/qlr-runs9 bash docs/benchmarks/throughput/run.sh phases2r  # phases2 in two interleaved rounds
 #   RUNS=/root/qlr-runs10 bash docs/benchmarks/throughput/run.sh cut2  # the frozen phase cut against uncut, micro-batch 2
 #   RUNS=/root/qlr-runs11 ROUNDS=3 bash docs/benchmarks/throughput/run.sh cut8  # the same at micro-batch 8
+#   RUNS=/root/qlr-runs12 ROUNDS=2 bash docs/benchmarks/throughput/run.sh dropout8  # dropout inside the adapter's node
+#   RUNS=/root/qlr-runs12 ROUNDS=2 bash docs/benchmarks/throughput/run.sh dropout2  # the same at micro-batch 2
+#   RUNS=/root/qlr-runs12 bash docs/benchmarks/throughput/run.sh dropout24  # its longest sequence within 24 GiB
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt2  # checkpointing fewer blocks, micro-batch 2
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt8  # the same at micro-batch 8
 #   RUNS=/root/qlr-runs5 bash docs/benchmarks/throughput/run.sh cap24  # micro-batch 2 and 4, every run held to 24 GiB
@@ -73,6 +76,19 @@ phases2r)  # micro-batch 2, where the host bounds the step: two rounds, every co
 cut2|cut8)  # the frozen phase with its factors cut to the rank at the freeze, beside the same phase uncut
   bench --micro-batches "${stage#cut}" --steps 12 --rounds "${ROUNDS:-2}" --configs stock_peft qlr_frozen_at16_liger \
     qlr_frozen_at16_uncut_liger qlr_fixed_liger --max-seq ;;
+dropout8|dropout2)  # dropout inside the adapter's node (the mask drawn again in the backward pass), beside stock
+  bench --micro-batches "${stage#dropout}" --steps 12 --rounds "${ROUNDS:-2}" --configs stock_peft qlr_fixed_liger \
+    qlr_learning_at64_liger qlr_learned_liger_offload --max-seq ;;
+dropout24)  # the GPU tests; the 24 GiB limits of the learned ranks, from the last length the doubling search trained
+  python -m pytest -q -m gpu tests > "$runs/gpu_tests.log" 2>&1; tail -1 "$runs/gpu_tests.log"
+  build=$(python -c "from qlrlora.assets import build_from_config; from qlrlora.throughput import LLAMA3_8B
+print(build_from_config(LLAMA3_8B, 'bfloat16'))")
+  mkdir -p "$runs/fine"
+  for name in qlr_learned_liger qlr_learned_liger_offload; do
+    timeout "${RUN_LIMIT:-240}" python -m qlrlora.throughput max_seq "$name" --model-path "$build" --seq 32768 \
+      --seq-step 8192 --memory-gib 24 --json "$runs/fine/$name.json" --work "$runs/work" > "$runs/fine/$name.log" 2>&1
+    echo "$name: exit $?"; cat "$runs/fine/$name.json"; echo
+  done ;;
 profile)  # one step of each rank phase traced (torch.profiler), learned ranks beside the rank fixed at 16
   bench --micro-batches 8 2 --steps 12 --configs qlr_learned_liger qlr_fixed_liger --max-seq --profile ;;
 unsloth24)  # Unsloth's longest sequence at micro-batch 1 within 24 GiB (its site as for `unsloth`)
