@@ -440,7 +440,12 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
     given = _LongestInput(trainer.model)
     trainer.train()
     given.remove()
-    saved = saved_per_block(trainer.model, micro_batch, seq, trainer.accelerator.autocast)
+    # the training's peaks, read before the measurement of one block below runs its own forward pass
+    peaks = (_gib(torch.cuda.max_memory_allocated()), _gib(torch.cuda.max_memory_reserved())) if cuda else (None, None)
+    try:
+        saved = saved_per_block(trainer.model, micro_batch, seq, trainer.accelerator.autocast)
+    except torch.OutOfMemoryError:  # a run held to a card's memory may have no room left for it: the run stands
+        saved = None
     history = trainer.state.log_history
     tokens = tokens_trained(trainer)
     profiled = set(profiles.steps) if profiles is not None else set()
@@ -465,8 +470,8 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
         "step_s_by_phase": by_phase,
         "step_s_all": [round(t, 4) for t in timer.times],
         "profiled_steps": sorted(profiled),
-        "peak_alloc_gib": _gib(torch.cuda.max_memory_allocated()) if cuda else None,
-        "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved()) if cuda else None,
+        "peak_alloc_gib": peaks[0],
+        "peak_reserved_gib": peaks[1],
         "model_gib": _gib(model_bytes) if cuda else None,
         "losses": [row["loss"] for row in history if "loss" in row],
         "flops_per_token": flops_per_token(model_config, seq),

@@ -46,6 +46,17 @@ def test_each_configuration_trains_and_reports_its_figures(tmp_path, tiny_model,
         assert len(hard) == 14 and result["layers_at_rank_0"] == hard.count(0) == 0 and max(hard) - min(hard) <= 1
 
 
+def test_a_run_without_memory_left_for_the_block_measurement_still_reports(tmp_path, tiny_model, monkeypatch):
+    import torch
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(throughput, "saved_per_block", out_of_memory)
+    result = throughput.run_one("qlr_fixed", tiny_model, throughput.TINY, tmp_path, micro_batch=2, seq=96, steps=2)
+    assert result["steps"] == 2 and result["saved_block_bytes_per_token"] is None
+
+
 @pytest.mark.parametrize(("name", "blocks"), [("stock_peft_ckpt0", 0), ("qlr_learned_ckpt0", 0), ("qlr_learned_ckpt8", 8),
                                               ("qlr_learned_offload_ckpt16", 16), ("qlr_learned_offload", None)])
 def test_ckpt_configurations_checkpoint_no_block_or_the_first_n(tmp_path, tiny_model, name, blocks):
