@@ -79,14 +79,14 @@ cut2|cut8)  # the frozen phase with its factors cut to the rank at the freeze, b
 dropout8|dropout2)  # dropout inside the adapter's node (the mask drawn again in the backward pass), beside stock
   bench --micro-batches "${stage#dropout}" --steps 12 --rounds "${ROUNDS:-2}" --configs stock_peft qlr_fixed_liger \
     qlr_learning_at64_liger qlr_learned_liger_offload --max-seq ;;
-dropout24)  # the GPU tests; the 24 GiB limits of the learned ranks, from the last length the doubling search trained
+dropout24)  # the GPU tests; the 24 GiB limits of the learned ranks in steps of 4096 (1.5x the stock stack: 43,008)
   python -m pytest -q -m gpu tests > "$runs/gpu_tests.log" 2>&1; tail -1 "$runs/gpu_tests.log"
   build=$(python -c "from qlrlora.assets import build_from_config; from qlrlora.throughput import LLAMA3_8B
 print(build_from_config(LLAMA3_8B, 'bfloat16'))")
   mkdir -p "$runs/fine"
   for name in qlr_learned_liger qlr_learned_liger_offload; do
-    timeout "${RUN_LIMIT:-240}" python -m qlrlora.throughput max_seq "$name" --model-path "$build" --seq 32768 \
-      --seq-step 8192 --memory-gib 24 --json "$runs/fine/$name.json" --work "$runs/work" > "$runs/fine/$name.log" 2>&1
+    timeout "${RUN_LIMIT:-240}" python -m qlrlora.throughput max_seq "$name" --model-path "$build" --seq 36864 \
+      --seq-step 4096 --memory-gib 24 --json "$runs/fine/$name.json" --work "$runs/work" > "$runs/fine/$name.log" 2>&1
     echo "$name: exit $?"; cat "$runs/fine/$name.json"; echo
   done ;;
 profile)  # one step of each rank phase traced (torch.profiler), learned ranks beside the rank fixed at 16
