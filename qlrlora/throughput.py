@@ -442,10 +442,12 @@ def run_one(name: str, model_path: str, model_config: dict, work: Path, micro_ba
     given.remove()
     # the training's peaks, read before the measurement of one block below runs its own forward pass
     peaks = (_gib(torch.cuda.max_memory_allocated()), _gib(torch.cuda.max_memory_reserved())) if cuda else (None, None)
-    try:
-        saved = saved_per_block(trainer.model, micro_batch, seq, trainer.accelerator.autocast)
-    except torch.OutOfMemoryError:  # a run held to a card's memory may have no room left for it: the run stands
-        saved = None
+    saved = None
+    if CONFIGS[name][0] != "unsloth":  # Unsloth runs its blocks through its own patched forward and checkpointing
+        try:
+            saved = saved_per_block(trainer.model, micro_batch, seq, trainer.accelerator.autocast)
+        except torch.OutOfMemoryError:  # a run held to a card's memory may have no room left for it: the run stands
+            pass
     history = trainer.state.log_history
     tokens = tokens_trained(trainer)
     profiled = set(profiles.steps) if profiles is not None else set()
