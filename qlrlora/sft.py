@@ -47,7 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     except QLRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _leave_processes()
     return 0
+
+
+def _leave_processes() -> None:
+    """Take down the process group of a distributed run before the interpreter exits, as torch asks: left to the
+    interpreter's teardown, its threads can outlive it (a two-process CPU run once ended in "terminate called
+    without an active exception" after its last step)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run(recipe: Recipe, callbacks: list | None = None):
