@@ -28,11 +28,13 @@ Every figure of the report is computed from the jobs' result files by `summarize
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -678,6 +680,46 @@ def paired_differences(runs_of: dict[str, list[dict]]) -> list[dict]:
             pair[split] = {"per_seed": deltas, "mean": _mean(deltas), "std": _std(deltas)}
         pairs.append(pair)
     return pairs
+
+
+def logged_losses(log: Path) -> list[float]:
+    """The training losses a job's console log (`log.txt`) holds, one per logging window, in order: the
+    dicts the trainer prints (`{'loss': '0.4868', ..., 'epoch': '0.2747', ...}`), progress bars between them."""
+    # A dict cut off by the end of a stopped job's log has no closing brace before the next one: not matched.
+    return [float(ast.literal_eval(m.group(0))["loss"])
+            for m in re.finditer(r"\{'loss': [^{}]*\}", log.read_text(errors="replace"))]
+
+
+def late_losses(directory: Path, lr: float, windows: int = 4) -> dict:
+    """Does the seed-to-seed spread of the accuracies come from what the runs trained, or from how they are scored?
+
+    Per finished job at learning rate `lr`: the mean of the last `windows` training losses its log holds
+    (within a seed every job trains on the same rows in the same order, so those windows cover the same
+    rows), beside its validation and held-out accuracy; the Spearman correlation of that loss with each
+    accuracy across the jobs; and seed by seed, each method minus LoRA in all three. A job whose log holds
+    fewer windows than the longest (a log lost or cut by a restart) is listed as skipped."""
+    results = [r for r in load_results(directory) if r.get("lr") == lr and "validation" in r]
+    logged = {}
+    for r in results:
+        name = Job(r["method"], r["seed"], r["lr"]).name
+        log = directory / "jobs" / name / "log.txt"
+        logged[name] = (r, logged_losses(log) if log.is_file() else [])
+    full = max((len(losses) for _, losses in logged.values()), default=0)
+    if full < windows:
+        raise QLRError(f"{directory}: no job at learning rate {lr:g} logged {windows} training losses")
+    jobs = [{"job": name, "method": r["method"], "seed": r["seed"], "late_loss": _mean(losses[-windows:]),
+             "validation": r["validation"]["average"], "heldout": r["heldout"]["average"]}
+            for name, (r, losses) in sorted(logged.items()) if len(losses) == full]
+    lora = {j["seed"]: j for j in jobs if j["method"] == "lora"}
+    against = [{"method": j["method"], "seed": j["seed"],
+                **{k: j[k] - lora[j["seed"]][k] for k in ("late_loss", "validation", "heldout")}}
+               for j in jobs if j["method"] != "lora" and j["seed"] in lora]
+    losses = [j["late_loss"] for j in jobs]
+    return {"lr": lr, "windows": windows, "logged_windows": full, "jobs": jobs,
+            "skipped": sorted(name for name, (_, losses) in logged.items() if len(losses) != full),
+            "spearman_validation": spearman(losses, [j["validation"] for j in jobs]),
+            "spearman_heldout": spearman(losses, [j["heldout"] for j in jobs]),
+            "against_lora": sorted(against, key=lambda d: (d["method"], d["seed"]))}
 
 
 def differentiation(seed_ranks: list[list[dict]]) -> dict:

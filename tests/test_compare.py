@@ -13,7 +13,9 @@ from qlrlora.compare import (
     Protocol,
     best_learning_rates,
     differentiation,
+    late_losses,
     load_results,
+    logged_losses,
     peft_config,
     prepare,
     read_protocol,
@@ -228,6 +230,43 @@ def test_methods_are_compared_with_their_baselines_seed_by_seed(tmp_path):
     assert "| lr_lora_budget | lora | 0,1 | +0.0100 +0.0300 | +0.0200 | 0.0141 | +0.0300 -0.0400 | -0.0050 | 0.0495 |" \
         in report.stdout, report.stdout
     assert "| learned_ranks_fixed | uniform_fixed | 0 | +0.0200 | +0.0200 |  | +0.1000 | +0.1000 |  |" in report.stdout
+
+
+def console_log(losses, cut=False):
+    """A job's log.txt as the trainer writes it: progress bars with carriage returns, a dict per logging window."""
+    bars = "".join(f"\r{i}/546 [00:{i:02d}<09:00, 1.0it/s]" for i in range(3))
+    windows = [f"{{'loss': '{v}', 'grad_norm': '0.1', 'epoch': '{0.1 * i:.4g}'}}\n" for i, v in enumerate(losses)]
+    return bars + bars.join(windows) + ("{'loss': '0.9', 'grad_" if cut else "") + "{'train_runtime': '30.0'}\n"
+
+
+def test_late_losses_are_read_from_the_job_logs_and_set_beside_the_accuracies(tmp_path):
+    results = [result("lora", 1e-3, 0, 0.50, avg=0.48), result("lora", 1e-3, 1, 0.52, avg=0.47),
+               result("uniform_fixed", 1e-3, 0, 0.49, avg=0.49), result("uniform_fixed", 1e-3, 1, 0.40, avg=0.40),
+               result("dora", 1e-3, 0, 0.6, avg=0.6), result("lora", 2e-3, 0, 0.1, avg=0.1)]
+    directory = bench_dir(tmp_path, results)
+    logs = {"lora-lr0.001-s0": [2.0, 0.50, 0.46], "lora-lr0.001-s1": [2.0, 0.52, 0.46],
+            "uniform_fixed-lr0.001-s0": [2.0, 0.49, 0.43], "uniform_fixed-lr0.001-s1": [2.0, 0.60, 0.56],
+            "dora-lr0.001-s0": [2.0, 0.40], "lora-lr0.002-s0": [9.0, 9.0, 9.0]}
+    for name, losses in logs.items():
+        (directory / "jobs" / name / "log.txt").write_text(console_log(losses, cut=name.startswith("uniform")))
+    assert logged_losses(directory / "jobs" / "uniform_fixed-lr0.001-s1" / "log.txt") == [2.0, 0.60, 0.56]
+    late = late_losses(directory, 1e-3, windows=2)
+    assert late["logged_windows"] == 3 and late["skipped"] == ["dora-lr0.001-s0"]  # a shorter log: its windows differ
+    by_job = {j["job"]: j for j in late["jobs"]}
+    assert set(by_job) == {"lora-lr0.001-s0", "lora-lr0.001-s1", "uniform_fixed-lr0.001-s0", "uniform_fixed-lr0.001-s1"}
+    assert by_job["uniform_fixed-lr0.001-s1"]["late_loss"] == pytest.approx(0.58)
+    assert late["spearman_validation"] == pytest.approx(-1.0)  # losses 0.48 0.49 0.46 0.58 against 0.48 0.47 0.49 0.40
+    against = {(d["method"], d["seed"]): d for d in late["against_lora"]}
+    assert set(against) == {("uniform_fixed", 0), ("uniform_fixed", 1)}
+    assert against["uniform_fixed", 1]["late_loss"] == pytest.approx(0.58 - 0.49)
+    assert against["uniform_fixed", 1]["validation"] == pytest.approx(0.40 - 0.47)
+    assert against["uniform_fixed", 0]["heldout"] == pytest.approx(-0.01)
+    with pytest.raises(QLRError, match="logged 4 training losses"):
+        late_losses(directory, 1e-3, windows=4)
+    report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "losses", str(directory), "--learning-rate",
+                             "1e-3", "--windows", "2"], check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "across 4 jobs: validation -1.000" in report.stdout and "Skipped (a shorter log): dora-lr0.001-s0." in report.stdout
+    assert "| uniform_fixed | 1 | +0.0900 | -0.0700 | -0.1200 |" in report.stdout, report.stdout
 
 
 def test_a_diverged_run_shows_in_the_sweep_and_nowhere_else(tmp_path):

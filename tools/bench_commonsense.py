@@ -5,11 +5,13 @@
     python tools/bench_commonsense.py run DIR --jobs METHOD:SEED:LR ... [--parallel K] [--deadline S]
     python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH] [--plot PATH] [--learning-rate LR]
     python tools/bench_commonsense.py crosscheck DIR METHOD:SEED:LR ...
+    python tools/bench_commonsense.py losses DIR --learning-rate LR [--windows W]
 
 `prepare` writes the data and the protocol into DIR; `run` trains and evaluates the jobs of a stage
 (one process each, K at a time) into DIR/jobs/<job>/result.json; `report` computes commonsense.json
 from those files and prints (or writes) the Markdown tables; `crosscheck` scores trained jobs of our layer
-through PEFT's loader (qlrlora/compare.py's `crosscheck`).
+through PEFT's loader (qlrlora/compare.py's `crosscheck`); `losses` sets each job's late training loss
+(from its log) beside its accuracies, to tell whether the spread between seeds is in what the runs trained.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from qlrlora.compare import (
     Job,
     Protocol,
     crosscheck,
+    late_losses,
     prepare,
     read_protocol,
     run_stage,
@@ -59,6 +62,10 @@ def main(argv: list[str]) -> int:
     c = sub.add_parser("crosscheck", help="score trained jobs of our layer through PEFT's loader")
     c.add_argument("dir", type=Path)
     c.add_argument("jobs", nargs="+", metavar="METHOD:SEED:LR")
+    lo = sub.add_parser("losses", help="late training losses beside the accuracies, job by job and against LoRA")
+    lo.add_argument("dir", type=Path)
+    lo.add_argument("--learning-rate", type=float, required=True)
+    lo.add_argument("--windows", type=int, default=4, help="how many of the last logged losses to average")
     s = sub.add_parser("report")
     s.add_argument("dir", type=Path)
     s.add_argument("--json", type=Path)
@@ -83,6 +90,8 @@ def main(argv: list[str]) -> int:
                 result = crosscheck(args.dir, job)
                 print(json.dumps({"job": job.name, "validation": result["validation"]["average"],
                                   "heldout": result["heldout"]["average"]}), flush=True)
+        elif args.command == "losses":
+            print(losses_markdown(late_losses(args.dir, args.learning_rate, args.windows)))
         else:
             summary = summarize(args.dir, command=args.command or " ".join(["python", "tools/bench_commonsense.py", *argv]),
                                 learning_rate=args.learning_rate)
@@ -174,6 +183,24 @@ def markdown(summary: dict) -> str:
         for key, value in diff.items():
             out.append(f"| {key} | {'n/a' if value is None else f'{value:.3f}' if isinstance(value, float) else value} |")
         out += ["", rank_table(summary["learned_ranks"]), ""]
+    return "\n".join(out)
+
+
+def losses_markdown(losses: dict) -> str:
+    """The tables of `late_losses`: every job, then each method minus LoRA seed by seed."""
+    corr = {k: "n/a" if losses[k] is None else f"{losses[k]:+.3f}" for k in ("spearman_validation", "spearman_heldout")}
+    out = [f"## Late training loss and accuracy at learning rate {losses['lr']:g}", "",
+           f"Late loss: the mean of the last {losses['windows']} of {losses['logged_windows']} logged training losses. "
+           f"Spearman correlation with the loss across {len(losses['jobs'])} jobs: validation {corr['spearman_validation']}, "
+           f"held-out {corr['spearman_heldout']}."
+           + (f" Skipped (a shorter log): {', '.join(losses['skipped'])}." if losses["skipped"] else ""), "",
+           "| job | late loss | validation | held-out |", "| --- | --- | --- | --- |"]
+    out += [f"| {j['job']} | {j['late_loss']:.4f} | {j['validation']:.4f} | {j['heldout']:.4f} |" for j in losses["jobs"]]
+    if losses["against_lora"]:
+        out += ["", "### Minus LoRA of the same seed", "", "| method | seed | late loss | validation | held-out |",
+                "| --- | --- | --- | --- | --- |"]
+        out += [f"| {d['method']} | {d['seed']} | {_signed(d['late_loss'])} | {_signed(d['validation'])} | "
+                f"{_signed(d['heldout'])} |" for d in losses["against_lora"]]
     return "\n".join(out)
 
 
