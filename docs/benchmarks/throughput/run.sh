@@ -16,6 +16,7 @@
 #   RUNS=/root/qlr-runs12 ROUNDS=2 bash docs/benchmarks/throughput/run.sh dropout8  # dropout inside the adapter's node
 #   RUNS=/root/qlr-runs12 ROUNDS=2 bash docs/benchmarks/throughput/run.sh dropout2  # the same at micro-batch 2
 #   RUNS=/root/qlr-runs12 bash docs/benchmarks/throughput/run.sh dropout24  # its longest sequence within 24 GiB
+#   RUNS=/root/qlr-runs13 bash docs/benchmarks/throughput/run.sh dropout1  # the three above cut to one call
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt2  # checkpointing fewer blocks, micro-batch 2
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt8  # the same at micro-batch 8
 #   RUNS=/root/qlr-runs5 bash docs/benchmarks/throughput/run.sh cap24  # micro-batch 2 and 4, every run held to 24 GiB
@@ -27,6 +28,16 @@ export QLRLORA_CACHE=${QLRLORA_CACHE:-/root/qlr-cache} HF_HUB_OFFLINE=1 HF_DATAS
 runs=${RUNS:-/root/qlr-runs}/throughput; out=${OUT:-/tmp/out}; mkdir -p "$runs" "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$runs/gpu.txt"
 bench() { timeout "${STAGE_LIMIT:-530}" python -m qlrlora.throughput all "$runs" --timeout "${RUN_LIMIT:-240}" "$@" 2>&1 | tee -a "$runs/console.txt"; }
+limits24() {  # each configuration's longest sequence in 24 GiB, from 36,864 in steps of 4,096 (1.5x stock: 43,008)
+  build=$(python -c "from qlrlora.assets import build_from_config; from qlrlora.throughput import LLAMA3_8B
+print(build_from_config(LLAMA3_8B, 'bfloat16'))")
+  mkdir -p "$runs/fine"
+  for name in "$@"; do
+    timeout "${RUN_LIMIT:-240}" python -m qlrlora.throughput max_seq "$name" --model-path "$build" --seq 36864 \
+      --seq-step 4096 --memory-gib 24 --json "$runs/fine/$name.json" --work "$runs/work" > "$runs/fine/$name.log" 2>&1
+    echo "$name: exit $?"; cat "$runs/fine/$name.json"; echo
+  done
+}
 case $stage in
 mb8)
   bench --micro-batches 8 --steps 12 --max-seq ;;
@@ -81,14 +92,12 @@ dropout8|dropout2)  # dropout inside the adapter's node (the mask drawn again in
     qlr_learning_at64_liger qlr_learned_liger_offload --max-seq ;;
 dropout24)  # the GPU tests; the 24 GiB limits of the learned ranks in steps of 4096 (1.5x the stock stack: 43,008)
   python -m pytest -q -m gpu tests > "$runs/gpu_tests.log" 2>&1; tail -1 "$runs/gpu_tests.log"
-  build=$(python -c "from qlrlora.assets import build_from_config; from qlrlora.throughput import LLAMA3_8B
-print(build_from_config(LLAMA3_8B, 'bfloat16'))")
-  mkdir -p "$runs/fine"
-  for name in qlr_learned_liger qlr_learned_liger_offload; do
-    timeout "${RUN_LIMIT:-240}" python -m qlrlora.throughput max_seq "$name" --model-path "$build" --seq 36864 \
-      --seq-step 4096 --memory-gib 24 --json "$runs/fine/$name.json" --work "$runs/work" > "$runs/fine/$name.log" 2>&1
-    echo "$name: exit $?"; cat "$runs/fine/$name.json"; echo
-  done ;;
+  limits24 qlr_learned_liger qlr_learned_liger_offload ;;
+dropout1)  # when one call is all there is: the CUDA dropout test, micro-batch 2 once each, the offloaded limit
+  python -m pytest -q tests/test_gpu.py > "$runs/gpu_tests.log" 2>&1; tail -1 "$runs/gpu_tests.log"
+  bench --micro-batches 2 --steps 12 --configs stock_peft qlr_fixed_liger qlr_learning_at64_liger \
+    qlr_learned_liger_offload --max-seq
+  limits24 qlr_learned_liger_offload ;;
 profile)  # one step of each rank phase traced (torch.profiler), learned ranks beside the rank fixed at 16
   bench --micro-batches 8 2 --steps 12 --configs qlr_learned_liger qlr_fixed_liger --max-seq --profile ;;
 unsloth24)  # Unsloth's longest sequence at micro-batch 1 within 24 GiB (its site as for `unsloth`)
