@@ -71,4 +71,6 @@ def test_dropout_on_cuda_draws_its_mask_again_and_matches_the_reference(monkeypa
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref)
     for ours, theirs in ((x.grad, x_ref.grad), (layer.lora_A.grad, A.grad), (layer.lora_B.grad, B.grad)):
-        torch.testing.assert_close(ours, theirs)
+        # cuBLAS sums in another order than the reference's three products: fp32 rounding, 1e-4 of the largest
+        # entry (a mask drawn wrong moves a third of the entries by their own size)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
