@@ -28,12 +28,12 @@ export QLRLORA_CACHE=${QLRLORA_CACHE:-/root/qlr-cache} HF_HUB_OFFLINE=1 HF_DATAS
 runs=${RUNS:-/root/qlr-runs}/throughput; out=${OUT:-/tmp/out}; mkdir -p "$runs" "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$runs/gpu.txt"
 bench() { timeout "${STAGE_LIMIT:-530}" python -m qlrlora.throughput all "$runs" --timeout "${RUN_LIMIT:-240}" "$@" 2>&1 | tee -a "$runs/console.txt"; }
-limits24() {  # each configuration's longest sequence in 24 GiB, from 36,864 in steps of 4,096 (1.5x stock: 43,008)
+limits24() {  # each configuration's longest sequence in 24 GiB, from SEQ24_START (36,864) in steps of 4,096 (1.5x stock: 43,008)
   build=$(python -c "from qlrlora.assets import build_from_config; from qlrlora.throughput import LLAMA3_8B
 print(build_from_config(LLAMA3_8B, 'bfloat16'))")
   mkdir -p "$runs/fine"
   for name in "$@"; do
-    timeout "${RUN_LIMIT:-240}" python -m qlrlora.throughput max_seq "$name" --model-path "$build" --seq 36864 \
+    timeout "${RUN_LIMIT:-240}" python -m qlrlora.throughput max_seq "$name" --model-path "$build" --seq "${SEQ24_START:-36864}" \
       --seq-step 4096 --memory-gib 24 --json "$runs/fine/$name.json" --work "$runs/work" > "$runs/fine/$name.log" 2>&1
     echo "$name: exit $?"; cat "$runs/fine/$name.json"; echo
   done
