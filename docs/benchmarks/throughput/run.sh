@@ -16,7 +16,7 @@
 #   RUNS=/root/qlr-runs12 ROUNDS=2 bash docs/benchmarks/throughput/run.sh dropout8  # dropout inside the adapter's node
 #   RUNS=/root/qlr-runs12 ROUNDS=2 bash docs/benchmarks/throughput/run.sh dropout2  # the same at micro-batch 2
 #   RUNS=/root/qlr-runs12 bash docs/benchmarks/throughput/run.sh dropout24  # its longest sequence within 24 GiB
-#   RUNS=/root/qlr-runs13 bash docs/benchmarks/throughput/run.sh dropout1  # the three above cut to one call
+#   RUNS=/root/qlr-runs13 bash docs/benchmarks/throughput/run.sh dropout1  # the three above cut to one call (CONFIGS: fewer)
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt2  # checkpointing fewer blocks, micro-batch 2
 #   RUNS=/root/qlr-runs4 bash docs/benchmarks/throughput/run.sh ckpt8  # the same at micro-batch 8
 #   RUNS=/root/qlr-runs5 bash docs/benchmarks/throughput/run.sh cap24  # micro-batch 2 and 4, every run held to 24 GiB
@@ -95,8 +95,9 @@ dropout24)  # the GPU tests; the 24 GiB limits of the learned ranks in steps of 
   limits24 qlr_learned_liger qlr_learned_liger_offload ;;
 dropout1)  # when one call is all there is: the CUDA dropout test, micro-batch 2 once each, the offloaded limit
   python -m pytest -q tests/test_gpu.py > "$runs/gpu_tests.log" 2>&1; tail -1 "$runs/gpu_tests.log"
-  bench --micro-batches 2 --steps 12 --configs stock_peft qlr_fixed_liger qlr_learning_at64_liger \
-    qlr_learned_liger_offload --max-seq
+  # shellcheck disable=SC2086
+  bench --micro-batches 2 --steps 12 --configs ${CONFIGS:-stock_peft qlr_fixed_liger qlr_learning_at64_liger \
+    qlr_learned_liger_offload} --max-seq
   limits24 qlr_learned_liger_offload ;;
 profile)  # one step of each rank phase traced (torch.profiler), learned ranks beside the rank fixed at 16
   bench --micro-batches 8 2 --steps 12 --configs qlr_learned_liger qlr_fixed_liger --max-seq --profile ;;
