@@ -259,7 +259,9 @@ STOPPED_EXIT = 3  # a job's exit status when it stopped on SIGTERM with a checkp
 
 
 def _stop_at_deadline(directory: Path, running: dict) -> dict[str, str]:
-    """SIGTERM to every running job, SIGKILL to what is still running `STOP_GRACE_S` later; their statuses."""
+    """SIGTERM to every running job, SIGKILL to what is still running `STOP_GRACE_S` later; their statuses.
+
+    A job that had saved its trained adapter (TRAINED) was evaluating: run again, it only evaluates."""
     for process, _, _ in running.values():
         process.terminate()
     until = time.monotonic() + STOP_GRACE_S
@@ -276,6 +278,8 @@ def _stop_at_deadline(directory: Path, running: dict) -> dict[str, str]:
 
             checkpoint = last_complete_checkpoint(directory / "jobs" / name)
             status[name] = f"stopped at the deadline: resumes from {checkpoint.name} when run again"
+        elif (directory / "jobs" / name / TRAINED).is_file():
+            status[name] = "trained, stopped at the deadline while evaluating: only evaluated when run again"
         else:
             status[name] = "killed at the deadline"
         print(f"{status[name]}: {name}", flush=True)

@@ -503,14 +503,18 @@ def test_at_the_deadline_a_stage_stops_its_jobs_and_kills_what_does_not_stop(tmp
     stops = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(3)); print('up', flush=True); "
              "time.sleep(60)")
     ignores = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    (tmp_path / "jobs" / "evaluates").mkdir()
+    (tmp_path / "jobs" / "evaluates" / compare.TRAINED).write_text("{}")  # trained: SIGTERM ends its evaluation
+    evaluates = "import time; print('up', flush=True); time.sleep(60)"
     running = {}
-    for name, code in (("stops", stops), ("ignores", ignores)):
+    for name, code in (("stops", stops), ("ignores", ignores), ("evaluates", evaluates)):
         process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         assert process.stdout.readline() == "up\n"  # its handler is installed
         running[name] = (process, process.stdout, 0.0)
     status = compare._stop_at_deadline(tmp_path, running)
     assert status == {"stops": "stopped at the deadline: resumes from checkpoint-5 when run again",
-                      "ignores": "killed at the deadline"}
+                      "ignores": "killed at the deadline",
+                      "evaluates": "trained, stopped at the deadline while evaluating: only evaluated when run again"}
     assert all(process.returncode is not None for process, _, _ in running.values())
 
 
@@ -561,6 +565,47 @@ def test_run_sh_start_returns_at_once_and_wait_brings_back_what_its_jobs_did(tmp
     assert '"base": "done"' in (later / "jobs.log").read_text()
     with tarfile.open(later / "results.tgz") as packed:
         assert {"jobs/base/result.json", "jobs/lora-lr0.001-s0/result.json"} <= set(packed.getnames())
+
+
+def test_run_sh_brings_back_a_job_stopped_while_it_evaluated_and_a_new_machine_only_evaluates_it(tmp_path, mixture):
+    """A job that trained but was stopped at the deadline while it evaluated (its result.json never written) comes
+    back in results.tgz with its saved adapter; unpacked into a new machine's bench, the job evaluates it without
+    training and scores as the first machine did. A finished job's adapter stays behind."""
+    import os
+    import shutil
+    import tarfile
+
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import TRAINED, run_job
+
+    directory = tmp_path / "bench"
+    prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=32, heldout_rows=8,
+                                val_per_task=2, batch_size=8, max_length=64, learning_rates=[1e-3], r_max=4, rank=2,
+                                eval_batch_size=8), mixture)
+    finished, stopped = Job("lora", 0, 1e-3), Job("lr_lora_budget", 0, 1e-3)
+    run_job(directory, finished)
+    first = run_job(directory, stopped)
+    (directory / "jobs" / stopped.name / "result.json").unlink()
+    detached = tmp_path / "detached"
+    (detached / "out").mkdir(parents=True)
+    (detached / "out" / "finished").write_text("0")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "BENCH": str(directory), "DETACHED": str(detached), "OUT": str(out)}
+    wait = subprocess.run(["bash", "docs/benchmarks/commonsense/run.sh", "wait", "0"], check=False, env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert wait.returncode == 0, wait.stdout + wait.stderr
+    with tarfile.open(out / "results.tgz") as packed:
+        names = set(packed.getnames())
+        assert {f"jobs/{stopped.name}/{TRAINED}", f"jobs/{stopped.name}/lrlora_adapter.safetensors",
+                f"jobs/{stopped.name}/ranks.json", f"jobs/{finished.name}/result.json"} <= names
+        assert not any(name.startswith(f"jobs/{finished.name}/") and name.endswith(".safetensors") for name in names)
+        fresh = tmp_path / "new_machine"
+        shutil.copytree(directory, fresh, ignore=shutil.ignore_patterns("jobs"))
+        packed.extractall(fresh, filter="data")
+    again = run_job(fresh, stopped)
+    assert again["evaluated_on_restart"] and again["train_s"] == first["train_s"]
+    assert again["validation"] == first["validation"] and again["heldout"] == first["heldout"]
 
 
 def test_run_sh_wait_on_a_new_machine_stops_at_once(tmp_path):

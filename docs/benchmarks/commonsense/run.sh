@@ -7,7 +7,8 @@
 #   bash docs/benchmarks/commonsense/run.sh wait SECONDS  # in the next calls: wait for `start`'s jobs, return what they wrote so far
 # BENCH is the directory `tools/bench_commonsense.py prepare` wrote (staged to the GPU machine); the results,
 # the per-job logs and the ranks come back as $OUT/results.tgz; a results.tgz in the repo root is unpacked
-# into a $BENCH that has no jobs yet (by every stage, `start` included), so a new machine goes on from them.
+# into a $BENCH that has no jobs yet (by every stage, `start` included), so a new machine goes on from them;
+# a job that trained but was stopped while it evaluated comes back with its adapter, so there it only evaluates.
 # At the deadline a training job saves a checkpoint and stops; the same command in a later call on the
 # same machine (the checkpoints stay in $BENCH, outside the repo, while it is warm) resumes it.
 # `start` runs `jobs` from a copy of the code (not of the venvs or staged data beside it) in a process session of its own, which runs on after the call
@@ -19,10 +20,15 @@ set -uo pipefail
 stage=$1 deadline=$2; shift 2
 BENCH=${BENCH:-/root/qlr-stage/bench}
 DETACHED=${DETACHED:-/root/qlr-detached}
+trained_only() {  # the saved adapter of each job that trained but was not evaluated (stopped while it evaluated)
+  for t in jobs/*/trained.json; do
+    [ -f "$t" ] && [ ! -f "${t%trained.json}result.json" ] && ls "$t" "${t%trained.json}"*.safetensors "${t%trained.json}"lrlora_adapter.json 2>/dev/null
+  done
+}
 pack() {  # what the jobs in $BENCH wrote so far, finished or not, as $OUT/results.tgz
   (cd "$BENCH" && tar czf "$OUT/results.tgz" protocol.json \
     $(ls jobs/*/result.json jobs/*/permuted_ranks.json jobs/*/ranks.json jobs/*/ranks.png jobs/*/log.txt jobs/*/peft_crosscheck.json 2>/dev/null) \
-    2>/dev/null)
+    $(trained_only) 2>/dev/null)
 }
 if [ -f results.tgz ] && [ ! -d "$BENCH/jobs" ]; then tar xzf results.tgz -C "$BENCH"; fi
 if [ "$stage" = start ]; then
