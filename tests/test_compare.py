@@ -336,7 +336,7 @@ def test_our_layer_at_a_fixed_rank_trains_as_the_stock_lora_job_does(tmp_path, m
     import torch
 
     from qlrlora.assets import build_from_config
-    from qlrlora.compare import _peft_trainer, start_from_peft_draw
+    from qlrlora.compare import _peft_trainer, job_trainer
     from qlrlora.sft import build_trainer
 
     directory = tmp_path / "bench"
@@ -344,9 +344,9 @@ def test_our_layer_at_a_fixed_rank_trains_as_the_stock_lora_job_does(tmp_path, m
                                 val_per_task=1, batch_size=4, max_length=64, warmup_ratio=0.1), mixture)
     protocol = read_protocol(directory)
     job = Job("uniform_fixed_peft_init", 0, 2e-3)
-    ours = build_trainer(recipe_for(directory, job, protocol))
-    drawn_by_us = {name: layer.lora_A[:8].clone() for name, layer in ours.layers.items()}
-    start_from_peft_draw(ours, directory, job, protocol)
+    drawn_by_us = {name: layer.lora_A[:8].clone()
+                   for name, layer in build_trainer(recipe_for(directory, job, protocol)).layers.items()}
+    ours = job_trainer(directory, job, protocol, recipe_for(directory, job, protocol))
     lora = _peft_trainer(recipe_for(directory, Job("lora", 0, 2e-3), protocol), Job("lora", 0, 2e-3), protocol)
     peft_A = {n.replace("base_model.model.", "").replace(".lora_A.default.weight", ""): p
               for n, p in lora.model.named_parameters() if "lora_A" in n}
@@ -370,6 +370,32 @@ def test_our_layer_at_a_fixed_rank_trains_as_the_stock_lora_job_does(tmp_path, m
         with lora.model.disable_adapter():
             moved = (logits - lora.model(input_ids=tokens).logits.float()).abs().max()
     assert moved > 0.3 and (our_logits - logits).abs().max() < 0.02  # training moved them 0.73; bf16 rounding 0.007
+
+
+def test_lr_lora_started_from_the_peft_draw_shares_loras_a_and_keeps_its_own_past_the_rank(tmp_path, mixture):
+    """lr_lora_budget_peft_init: LR-LoRA (budget mode, every rank at r_max 16) whose first 8 components start from
+    the A of the lora job of its seed, and whose components 8 to 15 are those plain LR-LoRA of that seed draws."""
+    import torch
+
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import PAIRS, _peft_trainer, job_trainer
+
+    directory = tmp_path / "bench"
+    prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=16, heldout_rows=4,
+                                val_per_task=1, batch_size=4, max_length=64), mixture)
+    protocol = read_protocol(directory)
+    jobs = {m: Job(m, 1, 2e-3) for m in ("lr_lora_budget_peft_init", "lr_lora_budget", "lora")}
+    started, plain = (job_trainer(directory, jobs[m], protocol, recipe_for(directory, jobs[m], protocol)).layers
+                      for m in ("lr_lora_budget_peft_init", "lr_lora_budget"))
+    peft_A = {n.replace("base_model.model.", "").replace(".lora_A.default.weight", ""): p for n, p in
+              _peft_trainer(recipe_for(directory, jobs["lora"], protocol), jobs["lora"], protocol).model.named_parameters()
+              if "lora_A" in n}
+    assert started.keys() == plain.keys() == peft_A.keys() and len(started) == 14
+    for name, layer in started.items():
+        assert layer.r_max == 16 and layer.hard_rank() == 16
+        assert torch.equal(layer.lora_A[:8], peft_A[name]) and not torch.equal(plain[name].lora_A[:8], peft_A[name])
+        assert torch.equal(layer.lora_A[8:], plain[name].lora_A[8:])
+    assert ("lr_lora_budget_peft_init", "uniform_fixed_peft_init") in PAIRS  # the report pairs them by seed
 
 
 def test_crosscheck_scores_a_trained_job_of_our_layer_through_peft(tmp_path, mixture):
