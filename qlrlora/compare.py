@@ -364,7 +364,7 @@ def run_job(directory: Path, job: Job) -> dict:
     recipe = recipe_for(directory, job, protocol)
     out = directory / "jobs" / job.name
     start = time.perf_counter()
-    result = {"method": job.method, "seed": job.seed, "lr": job.lr}
+    result = {"method": job.method, "seed": job.seed, "lr": job.lr, "device": _device()}
     if job.method == "base":
         from qlrlora.model import load_backbone
 
@@ -554,6 +554,14 @@ def start_from_peft_draw(trainer, directory: Path, job: Job, protocol: Protocol)
     with torch.no_grad():
         for name, layer in layers.items():
             layer.lora_A[: protocol.rank].copy_(drawn[name])
+
+
+def _device() -> str:
+    """The card a job trains on: the same job gives the same run on one card and not on another (a three-pass
+    3e-3 run moved by up to 1.2 points between an H200 and an H100)."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _peak_gib() -> float | None:

@@ -317,6 +317,7 @@ def test_tiny_benchmark_end_to_end(tmp_path, mixture):
         k + d for k, d in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]) * 2
     assert results["lr_lora_budget"]["adapter_params"] <= results["lora"]["adapter_params"]
     assert results["lr_lora_budget"]["train_steps"] == 8 and len(results["lr_lora_budget"]["ranks"]) == 14
+    assert {r["device"] for r in results.values()} == {"cpu"}  # the card each job ran on, with its result
     report = subprocess.run([sys.executable, "tools/bench_commonsense.py", "report", str(directory),
                              "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "ranks.png")], check=False,
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
