@@ -187,6 +187,16 @@ def best_learning_rates(results: list[dict]) -> dict[str, float]:
     return {method: lr for method, (_, lr) in best.items()}
 
 
+def rate_source(method: str) -> str:
+    """The swept method whose chosen learning rate `method` is reported at: itself, the PEFT method it
+    varies (rsLoRA scaling), or LR-LoRA's budget mode for our other variants and the controls."""
+    if method in SWEPT:
+        return method
+    if method in PEFT_METHODS:
+        return method.removesuffix("_rslora")
+    return "lr_lora_budget"
+
+
 def learned_ranks_dir(directory: Path, lr: float) -> Path:
     """The LR-LoRA run whose ranks the controls at learning rate `lr` retrain: seed 0 at that rate."""
     return directory / "jobs" / Job("lr_lora_budget", 0, lr).name
@@ -674,10 +684,7 @@ def summarize(directory: Path, command: str | None = None, learning_rate: float 
     best = best_learning_rates(results)
     if learning_rate is not None:
         best = {m: learning_rate for m in best}
-    chosen = {m: best.get("lr_lora_budget") for m in ("lr_lora_penalty", *CONTROLS)}
-    chosen.update(best)
-    chosen["lora_rslora"], chosen["dora_rslora"] = best.get("lora"), best.get("dora")
-    chosen["lr_lora_budget_rslora"] = best.get("lr_lora_budget")
+    chosen = {m: best.get(rate_source(m)) for m in METHODS}
     methods, runs_of = {}, {}
     for method in METHODS:
         runs = [r for r in results if r["method"] == method and (method == "base" or r["lr"] == chosen.get(method))]

@@ -164,6 +164,22 @@ def test_final_stage_runs_at_the_chosen_rates_and_permutes_within_each_projectio
         stage_jobs(bench_dir(tmp_path / "x", sweep[:2]), "final", read_protocol(directory))
 
 
+def test_every_method_that_is_not_swept_is_reported_and_paired_at_the_rate_of_the_method_it_varies(tmp_path):
+    results = [result("lora", 1e-3, 0, 0.6), result("lora", 3e-3, 0, 0.7, avg=0.40), result("lora", 3e-3, 1, 0.5, avg=0.42),
+               result("lr_lora_budget", 1e-3, 0, 0.7, ranks=ranks_of([2, 4, 12, 4, 6, 14])),
+               result("lr_lora_budget", 3e-3, 0, 0.6), result("lora_rslora", 1e-3, 0, 0.5), result("lora_rslora", 3e-3, 0, 0.5)]
+    results += [result(m, lr, s, 0.5, avg=0.45 + s / 100 + (lr == 1e-3))
+                for m in ("lr_lora_budget_peft_init", "lr_lora_penalty", "uniform_fixed_peft_init")
+                for lr in (1e-3, 3e-3) for s in (0, 1)]
+    summary = summarize(bench_dir(tmp_path, results))
+    rates = {m: (v["lr"], v["seeds"]) for m, v in summary["methods"].items()}
+    assert rates == {"lora": (3e-3, [0, 1]), "lr_lora_budget": (1e-3, [0]), "lora_rslora": (3e-3, [0]),
+                     "lr_lora_budget_peft_init": (1e-3, [0, 1]), "lr_lora_penalty": (1e-3, [0, 1]),
+                     "uniform_fixed_peft_init": (1e-3, [0, 1])}
+    pair = next(p for p in summary["paired"] if p["method"] == "lr_lora_budget_peft_init" and p["baseline"] == "lora")
+    assert pair["seeds"] == [0, 1] and pair["validation"]["per_seed"] == pytest.approx([1.05, 1.04])
+
+
 def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):
     learned = ranks_of([2, 4, 12, 4, 6, 14])
     results = [result("lora", 1e-3, 0, 0.6, avg=0.40), result("lora", 2e-3, 0, 0.5, avg=0.99),
