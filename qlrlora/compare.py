@@ -22,6 +22,10 @@ on one GPU).
   `lr_lora_budget_peft_init` is LR-LoRA started from the same draw in its first `rank` components (the
   rest its own): paired with those two, a difference is the rank learning's, not the draw of A's.
 
+A job of a method that learns its ranks can change the controller's settings (`Job.rank`: fields of the
+recipe's `rank` section, such as `rank_lr` or `freeze_fraction`), a variant to tune on the held-out slice:
+it is reported as a method of its own (`Job.label`), at its method's rate, paired with LoRA and with its method.
+
 Budgets: LoRA r=8 on every target has 8 * sum(in + out) parameters; LR-LoRA's budget is an average
 rank of 8, the same count. AdaLoRA (init_r 12, target_r 8) counts ranks, not parameters; every
 method's adapter parameters at the end are recorded.
@@ -54,6 +58,9 @@ SWEPT = ("lora", "dora", "adalora", "lr_lora_budget")
 CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed", "uniform_fixed_peft_init")
 METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_budget_peft_init",
            "lr_lora_penalty", *CONTROLS)
+LEARNS_RANKS = ("lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_budget_peft_init", "lr_lora_penalty")
+# The rank settings a variant of such a method may change (not the mode or the budget, which make the method).
+TUNABLE_RANK_SETTINGS = frozenset({"rank_lr", "temperature", "warmup_fraction", "freeze_fraction", "penalty"})
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
 # (method, baseline) compared seed by seed: a seed fixes the data order, so each pair saw the same rows.
 # LR-LoRA against its own final ranks retrained from scratch asks whether learning the ranks during training
@@ -109,10 +116,26 @@ class Job:
     method: str
     seed: int = 0
     lr: float | None = None
+    # Settings of the recipe's rank section that this job changes (a variant of a method in LEARNS_RANKS).
+    rank: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The method as reported: a variant is a method of its own, e.g. `lr_lora_budget[rank_lr=0.02]`."""
+        if not self.rank:
+            return self.method
+        return f"{self.method}[{','.join(f'{k}={v:g}' for k, v in sorted(self.rank.items()))}]"
 
     @property
     def name(self) -> str:
-        return self.method if self.lr is None else f"{self.method}-lr{self.lr:g}-s{self.seed}"
+        if self.lr is None:
+            return self.method
+        return f"{self.method}{''.join(f'-{k}{v:g}' for k, v in sorted(self.rank.items()))}-lr{self.lr:g}-s{self.seed}"
+
+    @classmethod
+    def of(cls, result: dict) -> Job:
+        """The job a result file came from."""
+        return cls(result["method"], result["seed"], result["lr"], result.get("rank", {}))
 
 
 # ---------------------------------------------------------------- data
@@ -180,7 +203,7 @@ def best_learning_rates(results: list[dict]) -> dict[str, float]:
     """Per swept method, the learning rate whose seed-0 run scored best on the held-out training slice."""
     best: dict[str, tuple[float, float]] = {}
     for r in results:
-        if r["method"] in SWEPT and r["seed"] == 0 and "diverged_at_step" not in r:
+        if r["method"] in SWEPT and r["seed"] == 0 and "diverged_at_step" not in r and not r.get("rank"):
             score = r["heldout"]["average"]
             if r["method"] not in best or (score, -r["lr"]) > (best[r["method"]][0], -best[r["method"]][1]):
                 best[r["method"]] = (score, r["lr"])
@@ -322,6 +345,14 @@ def recipe_for(directory: Path, job: Job, protocol: Protocol):
     elif job.method in ("learned_ranks_fixed", "permuted_ranks_fixed"):
         name = "ranks.json" if job.method == "learned_ranks_fixed" else "permuted_ranks.json"
         rank, adapter["ranks_file"] = {"mode": "fixed"}, str(learned_ranks_dir(directory, job.lr) / name)
+    if job.rank and job.method not in LEARNS_RANKS:
+        raise QLRError(f"{job.name}: rank settings apply to a method that learns its ranks "
+                       f"({', '.join(LEARNS_RANKS)}), not to {job.method}")
+    unknown = sorted(set(job.rank) - TUNABLE_RANK_SETTINGS)
+    if unknown:
+        raise QLRError(f"{job.name}: rank.{', rank.'.join(unknown)}: not a setting a variant can change; "
+                       f"expected one of {', '.join(sorted(TUNABLE_RANK_SETTINGS))}")
+    rank.update(job.rank)
     model = {"name_or_path": protocol.model, "quantize": "nf4", "double_quant": True, "dtype": "bfloat16"}
     if protocol.gguf_file:
         model["gguf_file"] = protocol.gguf_file
@@ -374,7 +405,8 @@ def run_job(directory: Path, job: Job) -> dict:
     recipe = recipe_for(directory, job, protocol)
     out = directory / "jobs" / job.name
     start = time.perf_counter()
-    result = {"method": job.method, "seed": job.seed, "lr": job.lr, "device": _device()}
+    result = {"method": job.method, "seed": job.seed, "lr": job.lr, **({"rank": job.rank} if job.rank else {}),
+              "device": _device()}
     if job.method == "base":
         from qlrlora.model import load_backbone
 
@@ -685,16 +717,17 @@ def summarize(directory: Path, command: str | None = None, learning_rate: float 
     if learning_rate is not None:
         best = {m: learning_rate for m in best}
     chosen = {m: best.get(rate_source(m)) for m in METHODS}
+    variants = sorted({Job.of(r).label: r["method"] for r in results if r.get("rank")}.items())
     methods, runs_of = {}, {}
-    for method in METHODS:
-        runs = [r for r in results if r["method"] == method and (method == "base" or r["lr"] == chosen.get(method))]
+    for label, method in [(m, m) for m in METHODS] + variants:
+        runs = [r for r in results if Job.of(r).label == label and (method == "base" or r["lr"] == chosen.get(method))]
         if not runs:
             continue
         runs.sort(key=lambda r: r["seed"])
-        runs_of[method] = runs
+        runs_of[label] = runs
         tasks = list(runs[0]["validation"]["tasks"])
         averages = [r["validation"]["average"] for r in runs]
-        methods[method] = {
+        methods[label] = {
             "lr": runs[0]["lr"],
             "seeds": [r["seed"] for r in runs],
             "tasks": {t: _mean([r["validation"]["tasks"][t]["accuracy"] for r in runs]) for t in tasks},
@@ -709,10 +742,10 @@ def summarize(directory: Path, command: str | None = None, learning_rate: float 
         }
     sweep: dict[str, dict[str, float | str]] = {}  # held-out accuracy, or where the run diverged
     for r in everything:
-        if r["method"] in SWEPT and r["seed"] == 0:
-            sweep.setdefault(r["method"], {})[f"{r['lr']:g}"] = (
+        if (r["method"] in SWEPT or r.get("rank")) and r["seed"] == 0:
+            sweep.setdefault(Job.of(r).label, {})[f"{r['lr']:g}"] = (
                 f"diverged at step {r['diverged_at_step']}" if "diverged_at_step" in r else r["heldout"]["average"])
-    learned = [r for r in results if r["method"] == "lr_lora_budget" and r["lr"] == best.get("lr_lora_budget")]
+    learned = [r for r in results if Job.of(r).label == "lr_lora_budget" and r["lr"] == best.get("lr_lora_budget")]
     learned.sort(key=lambda r: r["seed"])
     summary = {
         "model": protocol.model,
@@ -721,7 +754,7 @@ def summarize(directory: Path, command: str | None = None, learning_rate: float 
         "protocol": dataclasses.asdict(protocol),
         "methods": methods,
         "sweep_heldout": sweep,
-        "paired": paired_differences(runs_of),
+        "paired": paired_differences(runs_of, [(label, base) for label, method in variants for base in ("lora", method)]),
         "differentiation": differentiation([r["ranks"] for r in learned]) if learned else None,
         "learned_ranks": {row["module"]: [r["ranks"][i]["hard_rank"] for r in learned]
                           for i, row in enumerate(learned[0]["ranks"])} if learned else None,
@@ -729,10 +762,10 @@ def summarize(directory: Path, command: str | None = None, learning_rate: float 
     return summary
 
 
-def paired_differences(runs_of: dict[str, list[dict]]) -> list[dict]:
-    """For each pair of `PAIRS` that ran, the method's accuracy minus the baseline's, seed by seed."""
+def paired_differences(runs_of: dict[str, list[dict]], more: list[tuple[str, str]] = ()) -> list[dict]:
+    """For each pair of `PAIRS` (then of `more`) that ran, the method's accuracy minus the baseline's, seed by seed."""
     pairs = []
-    for method, baseline in PAIRS:
+    for method, baseline in [*PAIRS, *more]:
         by_seed = {r["seed"]: r for r in runs_of.get(baseline, [])}
         runs = [(r, by_seed[r["seed"]]) for r in runs_of.get(method, []) if r["seed"] in by_seed]
         if not runs:
@@ -764,13 +797,13 @@ def late_losses(directory: Path, lr: float, windows: int = 4) -> dict:
     results = [r for r in load_results(directory) if r.get("lr") == lr and "validation" in r]
     logged = {}
     for r in results:
-        name = Job(r["method"], r["seed"], r["lr"]).name
+        name = Job.of(r).name
         log = directory / "jobs" / name / "log.txt"
         logged[name] = (r, logged_losses(log) if log.is_file() else [])
     full = max((len(losses) for _, losses in logged.values()), default=0)
     if full < windows:
         raise QLRError(f"{directory}: no job at learning rate {lr:g} logged {windows} training losses")
-    jobs = [{"job": name, "method": r["method"], "seed": r["seed"], "late_loss": _mean(losses[-windows:]),
+    jobs = [{"job": name, "method": Job.of(r).label, "seed": r["seed"], "late_loss": _mean(losses[-windows:]),
              "validation": r["validation"]["average"], "heldout": r["heldout"]["average"]}
             for name, (r, losses) in sorted(logged.items()) if len(losses) == full]
     lora = {j["seed"]: j for j in jobs if j["method"] == "lora"}

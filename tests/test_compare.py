@@ -134,7 +134,7 @@ def bench_dir(tmp_path, results):
     (directory / "jobs").mkdir(parents=True)
     (directory / "protocol.json").write_text(json.dumps({"model": "m", "learning_rates": [1e-3, 2e-3]}))
     for r in results:
-        job = Job(r["method"], r["seed"], r["lr"])
+        job = Job.of(r)
         (directory / "jobs" / job.name).mkdir()
         (directory / "jobs" / job.name / "result.json").write_text(json.dumps(r))
     return directory
@@ -178,6 +178,62 @@ def test_every_method_that_is_not_swept_is_reported_and_paired_at_the_rate_of_th
                      "uniform_fixed_peft_init": (1e-3, [0, 1])}
     pair = next(p for p in summary["paired"] if p["method"] == "lr_lora_budget_peft_init" and p["baseline"] == "lora")
     assert pair["seeds"] == [0, 1] and pair["validation"]["per_seed"] == pytest.approx([1.05, 1.04])
+
+
+def test_a_variant_of_rank_settings_is_a_method_of_its_own_in_the_report(tmp_path):
+    """Jobs that change LR-LoRA's rank settings are reported apart from LR-LoRA, at its chosen rate, paired
+    with LoRA and with LR-LoRA, and shown on the held-out slice at seed 0 (where a variant is chosen)."""
+    learned = ranks_of([2, 4, 12, 4, 6, 14])
+    results = [result("lora", 3e-3, s, 0.6, avg=0.40 + s / 100) for s in (0, 1)]
+    results += [result("lr_lora_budget", 3e-3, s, 0.7, avg=0.41, ranks=learned) for s in (0, 1)]
+    results += [result("lr_lora_budget", 1e-3, 0, 0.5, ranks=learned)]
+    variant = [dict(result("lr_lora_budget", lr, s, 0.99, avg=0.45 + s / 100, ranks=learned), rank={"rank_lr": 0.02})
+               for lr in (1e-3, 3e-3) for s in (0, 1)]
+    summary = summarize(bench_dir(tmp_path, results + variant))
+    label = "lr_lora_budget[rank_lr=0.02]"
+    # The variant's held-out 0.99 at seed 0 and 1e-3 does not choose LR-LoRA's rate, nor join its row.
+    assert summary["methods"]["lr_lora_budget"]["seeds"] == [0, 1] and summary["methods"]["lr_lora_budget"]["lr"] == 3e-3
+    assert summary["methods"]["lr_lora_budget"]["avg"] == pytest.approx(0.41)
+    assert summary["methods"][label]["lr"] == 3e-3 and summary["methods"][label]["avg"] == pytest.approx(0.455)
+    assert summary["sweep_heldout"][label] == {"0.001": 0.99, "0.003": 0.99}
+    assert summary["differentiation"]["seeds"] == 2
+    pairs = {(p["method"], p["baseline"]): p["validation"]["per_seed"] for p in summary["paired"]}
+    assert pairs[(label, "lora")] == pytest.approx([0.05, 0.05])
+    assert pairs[(label, "lr_lora_budget")] == pytest.approx([0.04, 0.05])
+
+
+def test_a_variant_job_is_parsed_named_and_trains_with_its_rank_settings(tmp_path, mixture, monkeypatch):
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import job_trainer
+
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    from bench_commonsense import _parsed_jobs
+
+    (job,) = _parsed_jobs(["lr_lora_budget_peft_init:1:3e-3:rank_lr=0.02,freeze_fraction=0.5"])
+    assert job == Job("lr_lora_budget_peft_init", 1, 3e-3, {"rank_lr": 0.02, "freeze_fraction": 0.5})
+    assert job.name == "lr_lora_budget_peft_init-freeze_fraction0.5-rank_lr0.02-lr0.003-s1"
+    assert job.label == "lr_lora_budget_peft_init[freeze_fraction=0.5,rank_lr=0.02]"
+    assert Job(**json.loads(json.dumps(dataclasses.asdict(job)))) == job  # how a job reaches its process
+    with pytest.raises(QLRError, match="expected METHOD:SEED:LR"):
+        _parsed_jobs(["lr_lora_budget:0:3e-3:rank_lr"])
+    directory = tmp_path / "bench"
+    prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=16, heldout_rows=4,
+                                val_per_task=1, batch_size=4, max_length=64), mixture)
+    protocol = read_protocol(directory)
+    recipe = recipe_for(directory, job, protocol)
+    assert (recipe.rank.mode, recipe.rank.budget_avg_rank, recipe.rank.rank_lr, recipe.rank.freeze_fraction) == (
+        "budget", 8.0, 0.02, 0.5)
+    assert job_trainer(directory, job, protocol, recipe).controller.config.rank_lr == 0.02
+    for bad, match in ((Job("lora", 0, 3e-3, {"rank_lr": 0.02}), "apply to a method that learns its ranks"),
+                       (Job("lr_lora_budget", 0, 3e-3, {"budget_avg_rank": 4.0}), "rank.budget_avg_rank: not a setting"),
+                       (Job("lr_lora_budget", 0, 3e-3, {"freeze_fraction": 2.0}), "rank.freeze_fraction: expected")):
+        with pytest.raises(QLRError, match=match):
+            recipe_for(directory, bad, protocol)
+    bad = subprocess.run([sys.executable, "tools/bench_commonsense.py", "run", str(directory), "--jobs",
+                          "lora:0:3e-3", "lr_lora_budget:0:3e-3:warmup_fraction=0.9,freeze_fraction=0.5"],
+                         check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "rank.freeze_fraction: expected a number in [warmup_fraction=0.9, 1]" in bad.stderr
+    assert not (directory / "jobs" / "lora-lr0.003-s0").exists()  # checked before any job started
 
 
 def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):

@@ -2,7 +2,7 @@
 
     python tools/bench_commonsense.py prepare DIR [--train-rows N] [--heldout-rows M] [--epochs E] [--model REF --gguf-file F]
     python tools/bench_commonsense.py run DIR --stage sweep|final [--parallel K] [--deadline S] [--start-by S]
-    python tools/bench_commonsense.py run DIR --jobs METHOD:SEED:LR ... [--parallel K] [--deadline S]
+    python tools/bench_commonsense.py run DIR --jobs METHOD:SEED:LR[:KEY=VALUE,...] ... [--parallel K] [--deadline S]
     python tools/bench_commonsense.py report DIR [--json PATH] [--markdown PATH] [--plot PATH] [--learning-rate LR]
     python tools/bench_commonsense.py crosscheck DIR METHOD:SEED:LR ...
     python tools/bench_commonsense.py losses DIR --learning-rate LR [--windows W]
@@ -12,6 +12,8 @@
 from those files and prints (or writes) the Markdown tables; `crosscheck` scores trained jobs of our layer
 through PEFT's loader (qlrlora/compare.py's `crosscheck`); `losses` sets each job's late training loss
 (from its log) beside its accuracies, to tell whether the spread between seeds is in what the runs trained.
+A job of a method that learns its ranks may end with rank settings to change, e.g.
+`lr_lora_budget_peft_init:0:3e-3:rank_lr=0.02,freeze_fraction=0.5`: a variant, reported as a method of its own.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from qlrlora.compare import (
     late_losses,
     prepare,
     read_protocol,
+    recipe_for,
     run_stage,
     stage_jobs,
     summarize,
@@ -55,7 +58,8 @@ def main(argv: list[str]) -> int:
     r.add_argument("dir", type=Path)
     which = r.add_mutually_exclusive_group(required=True)
     which.add_argument("--stage", choices=["sweep", "final"])
-    which.add_argument("--jobs", nargs="+", metavar="METHOD:SEED:LR", help="run these jobs instead of a stage")
+    which.add_argument("--jobs", nargs="+", metavar="METHOD:SEED:LR[:KEY=VALUE,...]",
+                       help="run these jobs instead of a stage (KEY=VALUE: rank settings of a variant)")
     r.add_argument("--parallel", type=int, default=4)
     r.add_argument("--deadline", type=float, default=float("inf"), help="kill jobs still running after S seconds")
     r.add_argument("--start-by", type=float, default=float("inf"), help="start no job after S seconds")
@@ -112,6 +116,10 @@ def main(argv: list[str]) -> int:
 
 def explicit_jobs(args) -> list[Job]:
     jobs = _parsed_jobs(args.jobs)
+    protocol = read_protocol(args.dir)
+    for job in jobs:
+        if job.rank:  # a variant's settings are checked before any job starts: the rank section they make
+            recipe_for(args.dir, job, protocol)
     for lr in sorted({j.lr for j in jobs if j.method == "permuted_ranks_fixed"}):
         write_permuted_ranks(args.dir, lr, read_protocol(args.dir).data_seed)
     return jobs
@@ -121,10 +129,14 @@ def _parsed_jobs(specs: list[str]) -> list[Job]:
     jobs = []
     for spec in specs:
         try:
-            method, seed, lr = spec.split(":")
-            job = Job(method, int(seed), float(lr) if method != "base" else None)
+            method, seed, lr, *settings = spec.split(":")
+            rank = {k: float(v) for k, v in (pair.split("=") for pair in settings[0].split(","))} if settings else {}
+            if len(settings) > 1:
+                raise ValueError
+            job = Job(method, int(seed), float(lr) if method != "base" else None, rank)
         except ValueError:
-            raise QLRError(f"--jobs: {spec!r}: expected METHOD:SEED:LR, e.g. lora:0:1e-3") from None
+            raise QLRError(f"--jobs: {spec!r}: expected METHOD:SEED:LR, e.g. lora:0:1e-3, or with rank settings "
+                           "METHOD:SEED:LR:KEY=VALUE[,KEY=VALUE], e.g. lr_lora_budget:0:3e-3:rank_lr=0.02") from None
         if method not in METHODS:
             raise QLRError(f"--jobs: {spec!r}: unknown method; expected one of {', '.join(METHODS)}")
         jobs.append(job)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The commonsense method comparison as run on the H200 (docs/benchmarks/commonsense.md), one stage per call:
 #   bash docs/benchmarks/commonsense/run.sh sweep|final DEADLINE_SECONDS
-#   bash docs/benchmarks/commonsense/run.sh jobs DEADLINE_SECONDS METHOD:SEED:LR ...
+#   bash docs/benchmarks/commonsense/run.sh jobs DEADLINE_SECONDS METHOD:SEED:LR[:KEY=VALUE,...] ...  # KEY=VALUE: rank settings of a variant
 #   bash docs/benchmarks/commonsense/run.sh crosscheck - METHOD:SEED:LR ...  # trained jobs scored through PEFT
 #   bash docs/benchmarks/commonsense/run.sh start DEADLINE_SECONDS METHOD:SEED:LR ...  # `jobs`, outliving the call
 #   bash docs/benchmarks/commonsense/run.sh wait SECONDS  # in the next calls: wait for `start`'s jobs, return what they wrote so far
