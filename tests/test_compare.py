@@ -202,7 +202,7 @@ def test_a_variant_of_rank_settings_is_a_method_of_its_own_in_the_report(tmp_pat
     assert pairs[(label, "lr_lora_budget")] == pytest.approx([0.04, 0.05])
 
 
-def test_a_variant_job_is_parsed_named_and_trains_with_its_rank_settings(tmp_path, mixture, monkeypatch):
+def test_a_variant_job_is_parsed_named_and_its_trainer_gets_its_rank_settings(tmp_path, mixture, monkeypatch):
     from qlrlora.assets import build_from_config
     from qlrlora.compare import job_trainer
 
@@ -214,8 +214,9 @@ def test_a_variant_job_is_parsed_named_and_trains_with_its_rank_settings(tmp_pat
     assert job.name == "lr_lora_budget_peft_init-freeze_fraction0.5-rank_lr0.02-lr0.003-s1"
     assert job.label == "lr_lora_budget_peft_init[freeze_fraction=0.5,rank_lr=0.02]"
     assert Job(**json.loads(json.dumps(dataclasses.asdict(job)))) == job  # how a job reaches its process
-    with pytest.raises(QLRError, match="expected METHOD:SEED:LR"):
-        _parsed_jobs(["lr_lora_budget:0:3e-3:rank_lr"])
+    for bad in ("lr_lora_budget:0:3e-3:rank_lr", "lr_lora_budget:0:3e-3:rank_lr=0.02:freeze_fraction=0.5"):
+        with pytest.raises(QLRError, match="expected METHOD:SEED:LR"):
+            _parsed_jobs([bad])
     directory = tmp_path / "bench"
     prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=16, heldout_rows=4,
                                 val_per_task=1, batch_size=4, max_length=64), mixture)

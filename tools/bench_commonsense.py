@@ -121,7 +121,7 @@ def explicit_jobs(args) -> list[Job]:
         if job.rank:  # a variant's settings are checked before any job starts: the rank section they make
             recipe_for(args.dir, job, protocol)
     for lr in sorted({j.lr for j in jobs if j.method == "permuted_ranks_fixed"}):
-        write_permuted_ranks(args.dir, lr, read_protocol(args.dir).data_seed)
+        write_permuted_ranks(args.dir, lr, protocol.data_seed)
     return jobs
 
 
@@ -129,10 +129,8 @@ def _parsed_jobs(specs: list[str]) -> list[Job]:
     jobs = []
     for spec in specs:
         try:
-            method, seed, lr, *settings = spec.split(":")
+            method, seed, lr, *settings = spec.split(":", 3)
             rank = {k: float(v) for k, v in (pair.split("=") for pair in settings[0].split(","))} if settings else {}
-            if len(settings) > 1:
-                raise ValueError
             job = Job(method, int(seed), float(lr) if method != "base" else None, rank)
         except ValueError:
             raise QLRError(f"--jobs: {spec!r}: expected METHOD:SEED:LR, e.g. lora:0:1e-3, or with rank settings "
