@@ -350,6 +350,26 @@ class LRLoRALinear(nn.Module):
                 resized.grad = _resized(param.grad, n, dim, None)
             torch.utils.swap_tensors(param, resized)
 
+    @torch.no_grad()
+    def order_components_(self, k: int, state: dict | None = None) -> None:
+        """Sort the first `k` components (those switched on), largest first by |s b_i| |a_i|, the size of the
+        rank-one update each adds, so that the last one switched on, the one the rank's gradient weighs and
+        pruning cuts, is the layer's smallest. The forward pass computes the same sum in another order.
+
+        `state` is the optimizer's state of the factors ({param: {name: tensor}}): tensors of a factor's shape
+        (AdamW's moments) are permuted alike, so the next step is the permuted step."""
+        if k < 2:
+            return
+        A, B = self.lora_A, self.lora_B
+        size = B[:, :k].float().norm(dim=0) * A[:k].float().norm(dim=1)
+        order = torch.argsort(size, descending=True, stable=True)
+        for param, dim in ((A, 0), (B, 1)):
+            held = [param.data, *(v for v in (state or {}).get(param, {}).values()
+                                  if torch.is_tensor(v) and v.shape == param.shape)]
+            for tensor in held:
+                head = tensor.narrow(dim, 0, k)
+                head.copy_(head.index_select(dim, order))
+
     def hard_rank(self) -> int:
         """Components switched on: what the forward pass uses and pruning keeps."""
         return int(self.ranks.hard()[self.index])

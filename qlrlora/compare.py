@@ -60,7 +60,8 @@ METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr
            "lr_lora_penalty", *CONTROLS)
 LEARNS_RANKS = ("lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_budget_peft_init", "lr_lora_penalty")
 # The rank settings a variant of such a method may change (not the mode or the budget, which make the method).
-TUNABLE_RANK_SETTINGS = frozenset({"rank_lr", "temperature", "warmup_fraction", "freeze_fraction", "penalty"})
+TUNABLE_RANK_SETTINGS = frozenset(
+    {"rank_lr", "temperature", "warmup_fraction", "freeze_fraction", "penalty", "order_components"})
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
 # (method, baseline) compared seed by seed: a seed fixes the data order, so each pair saw the same rows.
 # LR-LoRA against its own final ranks retrained from scratch asks whether learning the ranks during training
@@ -111,26 +112,32 @@ class Protocol:
         return self.alpha / math.sqrt(self.rank) * math.sqrt(self.r_max)
 
 
+def _setting(value: float | bool) -> str:
+    """A variant's setting as it appears in its label and its directory's name."""
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
+
+
 @dataclass
 class Job:
     method: str
     seed: int = 0
     lr: float | None = None
     # Settings of the recipe's rank section that this job changes (a variant of a method in LEARNS_RANKS).
-    rank: dict[str, float] = field(default_factory=dict)
+    rank: dict[str, float | bool] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         """The method as reported: a variant is a method of its own, e.g. `lr_lora_budget[rank_lr=0.02]`."""
         if not self.rank:
             return self.method
-        return f"{self.method}[{','.join(f'{k}={v:g}' for k, v in sorted(self.rank.items()))}]"
+        return f"{self.method}[{','.join(f'{k}={_setting(v)}' for k, v in sorted(self.rank.items()))}]"
 
     @property
     def name(self) -> str:
         if self.lr is None:
             return self.method
-        return f"{self.method}{''.join(f'-{k}{v:g}' for k, v in sorted(self.rank.items()))}-lr{self.lr:g}-s{self.seed}"
+        settings = "".join(f"-{k}{_setting(v)}" for k, v in sorted(self.rank.items()))
+        return f"{self.method}{settings}-lr{self.lr:g}-s{self.seed}"
 
     @classmethod
     def of(cls, result: dict) -> Job:

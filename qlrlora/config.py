@@ -132,6 +132,10 @@ class RankConfig:
     # computes and keeps only the components the forward pass uses (the same arithmetic). One process and
     # torch's optimizers only; elsewhere the factors keep r_max, masked. false keeps r_max everywhere.
     cut_at_freeze: bool = True
+    # While the ranks move, keep each layer's switched-on components sorted largest first (|b_i| |a_i|),
+    # so the component at the boundary, the one pruning cuts, is the layer's smallest (a heuristic: the
+    # components of a LoRA layer have no order of their own). One process or DDP, torch's optimizers.
+    order_components: bool = False
 
     def validate(self, where: str) -> None:
         if self.mode == "budget" and (self.budget_avg_rank is None) == (self.budget_params is None):

@@ -97,8 +97,10 @@ def run_planted_network(
     batch: int = 32,
     length: int = 16,
     seed: int = 0,
+    order_components: bool = False,
 ) -> PlantedResult:
-    """The budget defaults to the planted parameters: (in + out) * rank summed over the planted projections."""
+    """Without `rank`: a budget of the planted parameters, (in + out) * rank summed over the planted
+    projections, with `order_components` (`rank.order_components`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qlrlora.model import inject_adapters
@@ -122,7 +124,7 @@ def run_planted_network(
     if rank is None:
         sizes = {name: layer.in_features + layer.out_features for name, layer in layers.items()}
         budget = sum(sizes[name] * r for name, r in planted.items())
-        rank = RankConfig(mode="budget", budget_params=budget)
+        rank = RankConfig(mode="budget", budget_params=budget, order_components=order_components)
 
     def loss_of_batch():
         ids = torch.randint(0, config.vocab_size, (batch, length), generator=g)
@@ -142,6 +144,10 @@ def _train(layers: dict[str, LRLoRALinear], rank: RankConfig, steps: int, lr: fl
         loss.backward()
         controller.step()
         optimizer.step()
+        if rank.order_components and controller.phase == "pruning":
+            hard_ranks = controller.hard_ranks()
+            for layer in layers.values():
+                layer.order_components_(hard_ranks[layer.index], optimizer.state)
     return PlantedResult(
         hard_ranks={name: layer.hard_rank() for name, layer in layers.items()},
         ranks={name: round(float(layer.rank.detach()), 2) for name, layer in layers.items()},

@@ -11,7 +11,8 @@ What it adds to SFTTrainer, and where:
   gradient (averaged over data-parallel processes, fp16 loss scale removed) and clears it. The
   ranks are not model parameters, so the optimizer, gradient clipping and DDP never touch them.
   After the step that froze them, `cut_frozen_factors` cuts the factors and their optimizer state
-  to the hard ranks;
+  to the hard ranks; while they move, with `rank.order_components`, `order_components` sorts each layer's
+  switched-on components largest first after every optimizer step;
 - `log`: rank metrics at every logging step (console, TensorBoard, trainer_state.json);
 - `save_model`: the adapter as safetensors + JSON with ranks.json and ranks.png, instead of a copy of
   the whole quantized model; `MarkCompleteCheckpoints`, a completion marker for every checkpoint;
@@ -167,9 +168,29 @@ class QLRSFTTrainer(SFTTrainer):
         """Why `cut_frozen_factors` cannot cut here, or None."""
         if self.accelerator.distributed_type != DistributedType.NO:
             return f"{self.accelerator.distributed_type.value} fixes the parameters' shapes when it wraps the model"
+        return self._foreign_optimizer("cut")
+
+    def order_components(self) -> None:
+        """Sort every layer's switched-on components largest first, their optimizer state alike
+        (`rank.order_components`; `LRLoRALinear.order_components_`). Under DDP every process holds the same
+        factors, so every process sorts them the same way."""
+        optimizer = unwrap_optimizer(self.optimizer)
+        state = optimizer.state if optimizer is not None else {}
+        hard_ranks = self.controller.hard_ranks()
+        for layer in self.layers.values():
+            layer.order_components_(hard_ranks[layer.index], state)
+
+    def order_blocked(self) -> str | None:
+        """Why `order_components` cannot sort here, or None."""
+        if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
+                                                     DistributedType.MULTI_CPU):
+            return f"{self.accelerator.distributed_type.value} shards the factors"
+        return self._foreign_optimizer("sort")
+
+    def _foreign_optimizer(self, verb: str) -> str | None:
         optimizer = unwrap_optimizer(self.optimizer)
         if optimizer is not None and not type(optimizer).__module__.startswith("torch.optim"):
-            return f"the optimizer {type(optimizer).__name__} keeps a state this trainer does not know how to cut"
+            return f"the optimizer {type(optimizer).__name__} keeps a state this trainer does not know how to {verb}"
         return None
 
     def finished_at(self, checkpoint: str | Path) -> bool:
@@ -331,6 +352,7 @@ class _RankStep(TrainerCallback):
     def __init__(self, trainer: QLRSFTTrainer):
         self.trainer = trainer
         self.cut_done = False
+        self.order_blocked: str | None = None  # why the components cannot be sorted; "" once they can
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
@@ -341,8 +363,20 @@ class _RankStep(TrainerCallback):
         self._cut()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.controller.frozen and not self.cut_done:
+        trainer = self.trainer
+        if trainer.controller.frozen and not self.cut_done:
             self._cut()
+        elif trainer.rank_config.order_components and trainer.controller.phase == "pruning":
+            self._order()
+
+    def _order(self) -> None:
+        if self.order_blocked is None:
+            self.order_blocked = self.trainer.order_blocked() or ""
+            if self.order_blocked and self.trainer.is_world_process_zero():
+                print(f"note: rank.order_components is off for this run ({self.order_blocked})",
+                      file=sys.stderr, flush=True)
+        if not self.order_blocked:
+            self.trainer.order_components()
 
     def _cut(self) -> None:
         trainer = self.trainer

@@ -277,6 +277,35 @@ def test_fused_branch_ignores_autocast_and_computes_in_the_adapter_dtype():
     torch.testing.assert_close(layer.lora_B.grad, torch.ones(2, 8).t() @ (x @ layer.lora_A.t() * layer.rank_mask() * layer.scaling).detach())
 
 
+def test_ordering_the_live_components_sorts_them_largest_first_with_their_adam_state_and_keeps_the_output():
+    torch.manual_seed(0)
+    layer = adapter_only(r_max=16, rank=6.0, temperature=1.0)
+    layer.ranks.learning = False
+    with torch.no_grad():
+        layer.lora_B.mul_(torch.rand(16))  # components of clearly different sizes
+    x = torch.randn(3, 5, 40)
+    optimizer = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
+    layer(x).sum().backward()
+    optimizer.step()  # a state to permute: each moment now differs from component to component
+    state = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in (layer.lora_A, layer.lora_B)}
+    A, B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    before = layer(x).detach()
+
+    layer.order_components_(6, optimizer.state)
+    size = layer.lora_B[:, :6].norm(dim=0) * layer.lora_A[:6].norm(dim=1)
+    assert bool((size[:-1] >= size[1:]).all()) and not bool((B[:, :6].norm(dim=0) * A[:6].norm(dim=1) == size).all())
+    order = [next(j for j in range(6) if torch.equal(layer.lora_A[i], A[j])) for i in range(6)]
+    assert sorted(order) == list(range(6))
+    torch.testing.assert_close(layer.lora_B[:, :6], B[:, order], rtol=0, atol=0)
+    assert torch.equal(layer.lora_A[6:], A[6:]) and torch.equal(layer.lora_B[:, 6:], B[:, 6:])  # switched off: kept
+    for name in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(optimizer.state[layer.lora_A][name][:6], state[layer.lora_A][name][order], rtol=0, atol=0)
+        torch.testing.assert_close(optimizer.state[layer.lora_B][name][:, :6], state[layer.lora_B][name][:, order], rtol=0, atol=0)
+    torch.testing.assert_close(layer(x).detach(), before, rtol=1e-5, atol=1e-5)
+    layer.order_components_(1, optimizer.state)  # one component or none: nothing to sort
+    torch.testing.assert_close(layer.lora_A[:6], A[order], rtol=0, atol=0)
+
+
 def test_cutting_the_factors_to_the_frozen_rank_changes_no_output_or_gradient():
     torch.manual_seed(0)
     layer = adapter_only(r_max=16, rank=6.2, temperature=1.0)

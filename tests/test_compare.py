@@ -214,7 +214,12 @@ def test_a_variant_job_is_parsed_named_and_its_trainer_gets_its_rank_settings(tm
     assert job.name == "lr_lora_budget_peft_init-freeze_fraction0.5-rank_lr0.02-lr0.003-s1"
     assert job.label == "lr_lora_budget_peft_init[freeze_fraction=0.5,rank_lr=0.02]"
     assert Job(**json.loads(json.dumps(dataclasses.asdict(job)))) == job  # how a job reaches its process
-    for bad in ("lr_lora_budget:0:3e-3:rank_lr", "lr_lora_budget:0:3e-3:rank_lr=0.02:freeze_fraction=0.5"):
+    (ordered,) = _parsed_jobs(["lr_lora_budget_peft_init:0:3e-3:order_components=true"])
+    assert ordered.rank == {"order_components": True}
+    assert ordered.name == "lr_lora_budget_peft_init-order_componentstrue-lr0.003-s0"
+    assert ordered.label == "lr_lora_budget_peft_init[order_components=true]"
+    for bad in ("lr_lora_budget:0:3e-3:rank_lr", "lr_lora_budget:0:3e-3:rank_lr=0.02:freeze_fraction=0.5",
+                "lr_lora_budget:0:3e-3:order_components=yes"):
         with pytest.raises(QLRError, match="expected METHOD:SEED:LR"):
             _parsed_jobs([bad])
     directory = tmp_path / "bench"
@@ -225,6 +230,7 @@ def test_a_variant_job_is_parsed_named_and_its_trainer_gets_its_rank_settings(tm
     assert (recipe.rank.mode, recipe.rank.budget_avg_rank, recipe.rank.rank_lr, recipe.rank.freeze_fraction) == (
         "budget", 8.0, 0.02, 0.5)
     assert job_trainer(directory, job, protocol, recipe).controller.config.rank_lr == 0.02
+    assert recipe_for(directory, ordered, protocol).rank.order_components is True
     for bad, match in ((Job("lora", 0, 3e-3, {"rank_lr": 0.02}), "apply to a method that learns its ranks"),
                        (Job("lr_lora_budget", 0, 3e-3, {"budget_avg_rank": 4.0}), "rank.budget_avg_rank: not a setting"),
                        (Job("lr_lora_budget", 0, 3e-3, {"freeze_fraction": 2.0}), "rank.freeze_fraction: expected")):

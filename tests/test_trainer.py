@@ -304,3 +304,29 @@ def test_an_optimizer_whose_state_is_not_torchs_keeps_the_factors_whole_and_says
     trainer = run(recipe)
     assert {layer.components for layer in trainer.layers.values()} == {8}
     assert "the factors keep r_max components, masked (the optimizer Adafactor keeps a state" in capsys.readouterr().err
+
+
+def sorted_largest_first(trainer) -> dict[str, bool]:
+    """Per layer: whether its switched-on components are in order of size, largest first."""
+    result = {}
+    for name, layer in trainer.layers.items():
+        k = layer.hard_rank()
+        size = layer.lora_B[:, :k].float().norm(dim=0) * layer.lora_A[:k].float().norm(dim=1)
+        result[name] = bool((size[:-1] >= size[1:]).all())
+    return result
+
+
+def test_while_the_ranks_move_ordered_components_stay_sorted_largest_first(tmp_path, capsys):
+    """With rank.order_components every layer's live components are sorted after each step of the pruning
+    phase (here the whole run after the warm-up); without it they are not; an optimizer whose state is not
+    torch's leaves them as they are and says so."""
+    runs = {}
+    for order, optim in ((True, "adamw_torch"), (False, "adamw_torch"), (True, "adafactor")):
+        recipe = tiny_recipe(tmp_path / f"{order}{optim}", rank={"order_components": order, "freeze_fraction": 1.0},
+                             train={"save_strategy": "no", "optim": optim})
+        trainer = run(recipe)
+        assert trainer.controller.phase == "pruning"
+        runs[order, optim] = sorted_largest_first(trainer)
+    assert all(runs[True, "adamw_torch"].values())
+    assert not all(runs[False, "adamw_torch"].values()) and not all(runs[True, "adafactor"].values())
+    assert "rank.order_components is off for this run (the optimizer Adafactor keeps a state" in capsys.readouterr().err

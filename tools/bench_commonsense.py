@@ -125,16 +125,22 @@ def explicit_jobs(args) -> list[Job]:
     return jobs
 
 
+def _setting(value: str) -> float | bool:
+    """A variant's setting as written in a job spec: true / false, or a number."""
+    return {"true": True, "false": False}[value] if value in ("true", "false") else float(value)
+
+
 def _parsed_jobs(specs: list[str]) -> list[Job]:
     jobs = []
     for spec in specs:
         try:
             method, seed, lr, *settings = spec.split(":", 3)
-            rank = {k: float(v) for k, v in (pair.split("=") for pair in settings[0].split(","))} if settings else {}
+            rank = {k: _setting(v) for k, v in (pair.split("=") for pair in settings[0].split(","))} if settings else {}
             job = Job(method, int(seed), float(lr) if method != "base" else None, rank)
         except ValueError:
             raise QLRError(f"--jobs: {spec!r}: expected METHOD:SEED:LR, e.g. lora:0:1e-3, or with rank settings "
-                           "METHOD:SEED:LR:KEY=VALUE[,KEY=VALUE], e.g. lr_lora_budget:0:3e-3:rank_lr=0.02") from None
+                           "METHOD:SEED:LR:KEY=VALUE[,KEY=VALUE], e.g. lr_lora_budget:0:3e-3:rank_lr=0.02 "
+                           "or lr_lora_budget:0:3e-3:order_components=true") from None
         if method not in METHODS:
             raise QLRError(f"--jobs: {spec!r}: unknown method; expected one of {', '.join(METHODS)}")
         jobs.append(job)
