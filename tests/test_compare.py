@@ -200,6 +200,17 @@ def test_a_variant_of_rank_settings_is_a_method_of_its_own_in_the_report(tmp_pat
     pairs = {(p["method"], p["baseline"]): p["validation"]["per_seed"] for p in summary["paired"]}
     assert pairs[(label, "lora")] == pytest.approx([0.05, 0.05])
     assert pairs[(label, "lr_lora_budget")] == pytest.approx([0.04, 0.05])
+    table = [line for line in markdown_of(summary).splitlines() if line.startswith(f"| {label} | 0.003 | 0,1 | 0.4550 |")]
+    assert len(table) == 1  # its row in the validation table
+
+
+def markdown_of(summary: dict) -> str:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from bench_commonsense import markdown
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return markdown(summary)
 
 
 def test_a_variant_job_is_parsed_named_and_its_trainer_gets_its_rank_settings(tmp_path, mixture, monkeypatch):

@@ -154,10 +154,8 @@ def markdown(summary: dict) -> str:
              + " | adapter params | train s | tokens/s | peak GiB |",
              "| --- " * (10 + len(tasks)) + "|"]
     lora = methods.get("lora")
-    for name in METHODS:
-        m = methods.get(name)
-        if m is None:
-            continue
+    for name in [*(m for m in METHODS if m in methods), *(m for m in methods if m not in METHODS)]:  # variants last
+        m = methods[name]
         delta = ""
         if lora and name != "lora":
             delta = f"{m['avg'] - lora['avg']:+.3f}{_noise(name, m['std'], lora['std'])}"
