@@ -180,7 +180,7 @@ def test_every_method_that_is_not_swept_is_reported_and_paired_at_the_rate_of_th
     assert pair["seeds"] == [0, 1] and pair["validation"]["per_seed"] == pytest.approx([1.05, 1.04])
 
 
-def test_a_variant_of_rank_settings_is_a_method_of_its_own_in_the_report(tmp_path):
+def test_a_variant_of_rank_settings_is_a_method_of_its_own_in_the_report(tmp_path, monkeypatch):
     """Jobs that change LR-LoRA's rank settings are reported apart from LR-LoRA, at its chosen rate, paired
     with LoRA and with LR-LoRA, and shown on the held-out slice at seed 0 (where a variant is chosen)."""
     learned = ranks_of([2, 4, 12, 4, 6, 14])
@@ -200,17 +200,11 @@ def test_a_variant_of_rank_settings_is_a_method_of_its_own_in_the_report(tmp_pat
     pairs = {(p["method"], p["baseline"]): p["validation"]["per_seed"] for p in summary["paired"]}
     assert pairs[(label, "lora")] == pytest.approx([0.05, 0.05])
     assert pairs[(label, "lr_lora_budget")] == pytest.approx([0.04, 0.05])
-    table = [line for line in markdown_of(summary).splitlines() if line.startswith(f"| {label} | 0.003 | 0,1 | 0.4550 |")]
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    from bench_commonsense import markdown
+
+    table = [line for line in markdown(summary).splitlines() if line.startswith(f"| {label} | 0.003 | 0,1 | 0.4550 |")]
     assert len(table) == 1  # its row in the validation table
-
-
-def markdown_of(summary: dict) -> str:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from bench_commonsense import markdown
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return markdown(summary)
 
 
 def test_a_variant_job_is_parsed_named_and_its_trainer_gets_its_rank_settings(tmp_path, mixture, monkeypatch):
