@@ -10,6 +10,7 @@ recipe -> backbone (NF4) -> adapters -> data -> QLRSFTTrainer -> adapter, ranks.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -54,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_processes() -> None:
     """Take down the process group of a distributed run before the interpreter exits, as torch asks: left to the
-    interpreter's teardown, its threads can outlive it (a two-process CPU run once ended in "terminate called
-    without an active exception" after its last step)."""
+    interpreter's teardown, gloo's threads can outlive it (two-process CPU runs in CI ended in "terminate called
+    without an active exception" after their last step). destroy_process_group alone does not stop them while
+    anything still holds the group, and the trainer's DDP wrapper does until the garbage collector breaks the
+    trainer's reference cycles; so collect first."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

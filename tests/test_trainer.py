@@ -152,16 +152,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_keeps_ranks_identical(tmp_path):
-    out = tmp_path / "ddp"
+# qlrlora-sft's main, then the names of the threads still running in the process (Linux names them in /proc).
+SFT_THEN_THREADS = """
+import os, sys
+from qlrlora.sft import main
+code = main(sys.argv[1:])
+names = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))
+print(f"rank {os.environ['RANK']} threads after main: {names}", flush=True)
+sys.exit(code)
+"""
+
+
+def test_two_process_ddp_keeps_ranks_identical_and_stops_gloo_before_exit(tmp_path):
+    out, script = tmp_path / "ddp", tmp_path / "sft_then_threads.py"
+    script.write_text(SFT_THEN_THREADS)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "qlrlora.sft", str(TINY), f"--output.dir={out}", "--train.report_to=none", "--train.save_strategy=no"]
+           str(script), str(TINY), f"--output.dir={out}", "--train.report_to=none", "--train.save_strategy=no"]
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "ranks.json").read_text())["summary"]
     assert summary["processes"] == 2
     assert summary["rank_spread_across_processes"] == 0.0
+    # gloo's threads (gloo_tcp_loop, pt_gloo_runloop) left running abort the interpreter's teardown now and then.
+    reports = [line for line in result.stdout.splitlines() if "threads after main" in line]
+    assert len(reports) == 2, result.stdout[-3000:]
+    assert not [line for line in reports if "gloo" in line], reports
 
 
 def test_training_warns_when_the_budget_is_out_of_reach(tmp_path, capsys):
