@@ -746,6 +746,7 @@ def summarize(directory: Path, command: str | None = None, learning_rate: float 
             "tokens_per_s": _mean([r["trained_tokens"] / r["train_s"] for r in runs]) if "train_s" in runs[0] else None,
             "peak_gib": runs[0]["peak_gib"],
             "train_steps": runs[0].get("train_steps"),
+            "cards": cards(runs),
         }
     sweep: dict[str, dict[str, float | str]] = {}  # held-out accuracy, or where the run diverged
     for r in everything:
@@ -767,6 +768,16 @@ def summarize(directory: Path, command: str | None = None, learning_rate: float 
                           for i, row in enumerate(learned[0]["ranks"])} if learned else None,
     }
     return summary
+
+
+def cards(runs: list[dict]) -> dict[str, int]:
+    """How many of `runs` trained on each card, by name ("not recorded": a result from before jobs kept theirs).
+    A row's times and peak memory mean one card's figures only where it names one card."""
+    counted: dict[str, int] = {}
+    for r in runs:
+        name = r.get("device") or "not recorded"
+        counted[name] = counted.get(name, 0) + 1
+    return counted
 
 
 def paired_differences(runs_of: dict[str, list[dict]], more: list[tuple[str, str]] = ()) -> list[dict]:

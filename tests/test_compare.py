@@ -207,6 +207,21 @@ def test_a_variant_of_rank_settings_is_a_method_of_its_own_in_the_report(tmp_pat
     assert len(table) == 1  # its row in the validation table
 
 
+def test_a_row_names_the_cards_its_runs_trained_on(tmp_path, monkeypatch):
+    """A row's times average its seeds' runs, which may come from different cards; the row says which."""
+    results = [dict(result("lora", 3e-3, s, 0.6), device=device)
+               for s, device in enumerate(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "NVIDIA H200"])]
+    results.append(result("lora", 3e-3, 3, 0.6))  # a result from before jobs recorded their card
+    summary = summarize(bench_dir(tmp_path, results))
+    assert summary["methods"]["lora"]["cards"] == {"NVIDIA H100 80GB HBM3": 2, "NVIDIA H200": 1, "not recorded": 1}
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    from bench_commonsense import markdown
+
+    table = markdown(summary).splitlines()
+    assert table[2].endswith("| peak GiB | cards |")
+    assert table[4].startswith("| lora |") and table[4].endswith("| H100 80GB HBM3 x2, H200 x1, not recorded x1 |")
+
+
 def test_a_variant_job_is_parsed_named_and_its_trainer_gets_its_rank_settings(tmp_path, mixture, monkeypatch):
     from qlrlora.assets import build_from_config
     from qlrlora.compare import job_trainer

@@ -151,8 +151,8 @@ def markdown(summary: dict) -> str:
     methods = summary["methods"]
     tasks = list(next(iter(methods.values()))["tasks"]) if methods else []
     lines = ["| method | lr | seeds | avg | std | vs lora | " + " | ".join(tasks)
-             + " | adapter params | train s | tokens/s | peak GiB |",
-             "| --- " * (10 + len(tasks)) + "|"]
+             + " | adapter params | train s | tokens/s | peak GiB | cards |",
+             "| --- " * (11 + len(tasks)) + "|"]
     lora = methods.get("lora")
     for name in [*(m for m in METHODS if m in methods), *(m for m in methods if m not in METHODS)]:  # variants last
         m = methods[name]
@@ -165,7 +165,8 @@ def markdown(summary: dict) -> str:
         speed = "" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f}"
         peak = "" if m["peak_gib"] is None else f"{m['peak_gib']:.1f}"
         cells = [name, lr, ",".join(map(str, m["seeds"])), f"{m['avg']:.4f}", std, delta,
-                 *(f"{m['tasks'][t]:.3f}" for t in tasks), f"{m['adapter_params']:,}", train, speed, peak]
+                 *(f"{m['tasks'][t]:.3f}" for t in tasks), f"{m['adapter_params']:,}", train, speed, peak,
+                 _cards(m.get("cards", {}))]
         lines.append("| " + " | ".join(cells) + " |")
     out = ["## Validation accuracy (first {} questions per task; learning rates {})".format(
         summary["protocol"]["val_per_task"], summary["learning_rates"]), "",
@@ -216,6 +217,11 @@ def losses_markdown(losses: dict) -> str:
         out += [f"| {d['method']} | {d['seed']} | {_signed(d['late_loss'])} | {_signed(d['validation'])} | "
                 f"{_signed(d['heldout'])} |" for d in losses["against_lora"]]
     return "\n".join(out)
+
+
+def _cards(counted: dict[str, int]) -> str:
+    """`{"NVIDIA H100 80GB HBM3": 3, "not recorded": 2}` -> "H100 80GB HBM3 x3, not recorded x2"."""
+    return ", ".join(f"{name.removeprefix('NVIDIA ')} x{n}" for name, n in counted.items())
 
 
 def _noise(name: str, std: float | None, lora_std: float | None) -> str:
