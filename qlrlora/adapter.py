@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -48,14 +47,6 @@ def is_linear(module: nn.Module) -> bool:
 # boundary; the soft mask's derivative further out is under 5e-7 of its peak. At 8 temperatures (1.4e-3) the
 # planted-rank tests already ended one rank off: near convergence the far components' pull is what is left.
 WINDOW = 16.0
-
-
-@dataclass
-class PrunedFactors:
-    """A layer cut to its hard rank, exactly what its forward pass computes: delta_W = B @ A, scaling in B."""
-
-    A: torch.Tensor  # (rank, in_features)
-    B: torch.Tensor  # (out_features, rank)
 
 
 class Ranks:
@@ -394,14 +385,6 @@ class LRLoRALinear(nn.Module):
         """The update s * B diag(m) A that the forward pass adds, fp32, shape (out_features, in_features)."""
         B = self.lora_B.float() * (self.rank_mask() * self.scaling)
         return B @ self.lora_A.float()
-
-    @torch.no_grad()
-    def pruned(self) -> PrunedFactors:
-        """The first `hard_rank()` components with the scaling folded into B."""
-        r = self.hard_rank()
-        return PrunedFactors(
-            A=self.lora_A[:r].float().contiguous(), B=(self.lora_B[:, :r].float() * self.scaling).contiguous()
-        )
 
     def extra_repr(self) -> str:
         return (

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from qlrlora.adapter import LRLoRALinear
+from qlrlora.export import adapters_from_layers
 
 
 def nf4_copy(linear: nn.Linear) -> nn.Module:
@@ -104,23 +105,24 @@ def test_hard_rank_rounds_the_continuous_rank():
         assert layer.hard_rank() == hard == int(layer.rank_mask().sum())
 
 
-def test_the_forward_uses_exactly_the_components_pruning_keeps():
+def test_the_forward_uses_exactly_the_components_the_export_keeps():
     torch.manual_seed(0)
     layer = trained_layer(nn.Linear(48, 40), r_max=10, init_rank=4.2, alpha=3.0, dtype=torch.float32)
-    pruned = layer.pruned()
-    assert pruned.A.shape == (4, 48) and pruned.B.shape == (40, 4)
-    torch.testing.assert_close(pruned.B @ pruned.A, layer.delta_weight())
+    kept = adapters_from_layers({"layer": layer})["layer"]
+    assert kept.A.shape == (4, 48) and kept.B.shape == (40, 4)
+    torch.testing.assert_close(kept.scale * kept.B @ kept.A, layer.delta_weight())
     x = torch.randn(5, 48)
-    torch.testing.assert_close(layer(x), layer.base(x) + x @ pruned.A.t() @ pruned.B.t(), rtol=1e-5, atol=1e-5)
+    exported = layer.base(x) + kept.scale * x @ kept.A.t() @ kept.B.t()
+    torch.testing.assert_close(layer(x), exported, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         layer.lora_B[:, 4:].add_(100.0)  # components past the hard rank have no effect on the output
-    torch.testing.assert_close(layer(x), layer.base(x) + x @ pruned.A.t() @ pruned.B.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), exported, rtol=1e-5, atol=1e-5)
 
 
-def test_rank_zero_layer_prunes_to_nothing():
+def test_rank_zero_layer_exports_nothing():
     layer = LRLoRALinear(nn.Linear(8, 8), r_max=4, init_rank=0.0, alpha=1.0)
-    pruned = layer.pruned()
-    assert pruned.A.shape == (0, 8) and pruned.B.shape == (8, 0)
+    kept = adapters_from_layers({"layer": layer})["layer"]
+    assert kept.A.shape == (0, 8) and kept.B.shape == (8, 0)
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), layer.base(x))
 
