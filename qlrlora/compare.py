@@ -36,6 +36,7 @@ Every figure of the report is computed from the jobs' result files by `summarize
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import json
 import math
@@ -773,11 +774,7 @@ def summarize(directory: Path, command: str | None = None, learning_rate: float 
 def cards(runs: list[dict]) -> dict[str, int]:
     """How many of `runs` trained on each card, by name ("not recorded": a result from before jobs kept theirs).
     A row's times and peak memory mean one card's figures only where it names one card."""
-    counted: dict[str, int] = {}
-    for r in runs:
-        name = r.get("device") or "not recorded"
-        counted[name] = counted.get(name, 0) + 1
-    return counted
+    return dict(collections.Counter(r.get("device") or "not recorded" for r in runs))
 
 
 def paired_differences(runs_of: dict[str, list[dict]], more: list[tuple[str, str]] = ()) -> list[dict]:

@@ -166,7 +166,7 @@ def markdown(summary: dict) -> str:
         peak = "" if m["peak_gib"] is None else f"{m['peak_gib']:.1f}"
         cells = [name, lr, ",".join(map(str, m["seeds"])), f"{m['avg']:.4f}", std, delta,
                  *(f"{m['tasks'][t]:.3f}" for t in tasks), f"{m['adapter_params']:,}", train, speed, peak,
-                 _cards(m.get("cards", {}))]
+                 _cards(m["cards"])]
         lines.append("| " + " | ".join(cells) + " |")
     out = ["## Validation accuracy (first {} questions per task; learning rates {})".format(
         summary["protocol"]["val_per_task"], summary["learning_rates"]), "",
