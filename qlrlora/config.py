@@ -129,8 +129,8 @@ class RankConfig:
     warmup_fraction: float = 0.1
     freeze_fraction: float = 0.7
     # Once the ranks freeze, cut the factors and their optimizer state to the hard ranks: the step then
-    # computes and keeps only the components the forward pass uses (the same arithmetic). One process and
-    # torch's optimizers only; elsewhere the factors keep r_max, masked. false keeps r_max everywhere.
+    # computes and keeps only the components the forward pass uses (the same arithmetic). One process, with
+    # torch's or bitsandbytes' optimizers; elsewhere the factors keep r_max, masked. false keeps r_max everywhere.
     cut_at_freeze: bool = True
     # While the ranks move, keep each layer's switched-on components sorted largest first (|b_i| |a_i|),
     # so the component at the boundary, the one pruning cuts, is the layer's smallest (a heuristic: the

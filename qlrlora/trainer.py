@@ -142,16 +142,15 @@ class QLRSFTTrainer(SFTTrainer):
         optimizer's state of them alike (`rank.cut_at_freeze`).
 
         The forward pass is unchanged (the components cut are switched off for good), and the step stops
-        zero-filling their gradients, updating them and keeping their AdamW moments: at r_max 64 and a
+        zero-filling their gradients, updating them and keeping their optimizer moments: at r_max 64 and a
         budget of 16, three quarters of the adapter's memory and optimizer work. Only where the shapes are
         ours to change: one process (DDP's gradient buckets and FSDP's flat parameters are sized when they
-        wrap the model) and one of torch's optimizers, whose state per parameter is tensors of its shape
-        (bitsandbytes' 8-bit optimizers keep blockwise-quantized state). Elsewhere the factors keep r_max
-        and the switched-off components stay masked, as before the freeze; `cut_blocked` says why."""
+        wrap the model), and an optimizer of torch's or of bitsandbytes' whose state per factor is tensors
+        of its shape (`_cut_state`). Elsewhere the factors keep r_max and the switched-off components stay
+        masked, as before the freeze; `cut_blocked` says why."""
         if not (self.rank_config.cut_at_freeze and self.controller.frozen) or self.cut_blocked():
             return
         optimizer = unwrap_optimizer(self.optimizer)
-        state = optimizer.state if optimizer is not None else {}
         hard_ranks = self.controller.hard_ranks()
         for layer in self.layers.values():
             hard = hard_ranks[layer.index]
@@ -159,16 +158,29 @@ class QLRSFTTrainer(SFTTrainer):
                 continue
             shapes = {p: p.shape for p in (layer.lora_A, layer.lora_B)}
             layer.resize_(hard)
+            if optimizer is None:
+                continue
             for p, dim in ((layer.lora_A, 0), (layer.lora_B, 1)):  # the components: A's rows, B's columns
-                for key, value in state.get(p, {}).items():
-                    if torch.is_tensor(value) and value.shape == shapes[p]:
-                        state[p][key] = value.narrow(dim, 0, hard).clone()
+                if p in optimizer.state:
+                    _cut_state(optimizer, p, shapes[p], dim, hard)
 
     def cut_blocked(self) -> str | None:
         """Why `cut_frozen_factors` cannot cut here, or None."""
         if self.accelerator.distributed_type != DistributedType.NO:
             return f"{self.accelerator.distributed_type.value} fixes the parameters' shapes when it wraps the model"
-        return self._foreign_optimizer("cut")
+        optimizer = unwrap_optimizer(self.optimizer)
+        if optimizer is None:
+            return None
+        name = type(optimizer).__name__
+        if not type(optimizer).__module__.startswith(("torch.optim", "bitsandbytes.optim")):
+            return f"the optimizer {name} keeps a state this trainer does not know how to cut"
+        for layer in self.layers.values():
+            for p in (layer.lora_A, layer.lora_B):
+                for key, value in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape and key not in _BNB_SIDE_STATE:
+                        return (f"the optimizer {name} keeps {key} of shape {tuple(value.shape)} for a factor of shape "
+                                f"{tuple(p.shape)}, a state this trainer does not know how to cut")
+        return None
 
     def order_components(self) -> None:
         """Sort every layer's switched-on components largest first, their optimizer state alike
@@ -185,12 +197,9 @@ class QLRSFTTrainer(SFTTrainer):
         if self.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU,
                                                      DistributedType.MULTI_CPU):
             return f"{self.accelerator.distributed_type.value} shards the factors"
-        return self._foreign_optimizer("sort")
-
-    def _foreign_optimizer(self, verb: str) -> str | None:
         optimizer = unwrap_optimizer(self.optimizer)
         if optimizer is not None and not type(optimizer).__module__.startswith("torch.optim"):
-            return f"the optimizer {type(optimizer).__name__} keeps a state this trainer does not know how to {verb}"
+            return f"the optimizer {type(optimizer).__name__} keeps a state this trainer does not know how to sort"
         return None
 
     def finished_at(self, checkpoint: str | Path) -> bool:
@@ -396,6 +405,44 @@ class _RankStep(TrainerCallback):
             reduce=reduce_mean,  # the same step on every process: DDP and FSDP never see the ranks
             grad_scale=float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0,
         )
+
+
+# bitsandbytes' optimizer state beside the moments: the 8-bit code books, the block maxima of 8-bit
+# moments, the update norm.
+_BNB_SIDE_STATE = ("qmap1", "qmap2", "absmax1", "absmax2", "unorm_vec")
+_BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers quantize their moments in blocks of 256 values
+
+
+def _cut_state(optimizer, p: torch.nn.Parameter, old_shape: torch.Size, dim: int, n: int) -> None:
+    """Cut the optimizer's state of the factor `p`, already cut to its first `n` components along `dim`,
+    alike: every tensor of the factor's old shape keeps its first `n` along `dim`.
+
+    bitsandbytes' 8-bit moments (uint8 codes, with `absmax` the maximum of each block of 256 values of the
+    flattened moment) keep their codes and block maxima exactly where the kept part is whole blocks in
+    front (A's rows, when a row's length times `n` is a multiple of 256); elsewhere (B's columns) the
+    kept values are decoded and quantized again in blocks of their own, one more rounding to the 8-bit
+    code of the kind every 8-bit step makes. A paged optimizer's state stays paged."""
+    state = optimizer.state[p]
+    for key, value in list(state.items()):
+        if not (torch.is_tensor(value) and value.shape == old_shape):
+            continue
+        kept = value.narrow(dim, 0, n)
+        if value.dtype != torch.uint8:
+            cut = kept.clone()
+        else:
+            absmax_key, code = "absmax" + key.removeprefix("state"), state["qmap" + key.removeprefix("state")]
+            if kept.is_contiguous() and kept.numel() % _BNB_BLOCK == 0:
+                cut, state[absmax_key] = kept.clone(), state[absmax_key][: kept.numel() // _BNB_BLOCK].clone()
+            else:
+                from bitsandbytes.functional import dequantize_blockwise, quantize_blockwise
+
+                whole = dequantize_blockwise(value, absmax=state[absmax_key], code=code, blocksize=_BNB_BLOCK)
+                cut, quantized = quantize_blockwise(whole.narrow(dim, 0, n).contiguous(), code=code, blocksize=_BNB_BLOCK)
+                state[absmax_key] = quantized.absmax
+        if getattr(optimizer, "is_paged", False):  # bitsandbytes pages large moments; free the old page
+            optimizer.page_mng.paged_tensors = [t for t in optimizer.page_mng.paged_tensors if t is not value]
+            cut = optimizer.get_state_buffer(p, dtype=cut.dtype).copy_(cut)
+        state[key] = cut
 
 
 def _coefficient_of_variation(values: list[float]) -> float:

@@ -42,6 +42,7 @@ def test_trainer_with_bf16_autocast_and_paged_8bit_adamw_moves_fp32_ranks(tmp_pa
     assert ranks.values.dtype == torch.float32 and ranks.values.is_cuda
     assert bool((ranks.values.detach() != start).any())
     assert trainer.controller.frozen and trainer.controller.live_params() <= trainer.controller.budget_params()
+    assert all(layer.components == layer.hard_rank() for layer in trainer.layers.values())  # cut at the freeze
     assert all(p.dtype == torch.bfloat16 for layer in trainer.layers.values() for p in (layer.lora_A, layer.lora_B))
 
 

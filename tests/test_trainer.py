@@ -268,24 +268,27 @@ def test_group_by_length_draws_each_pass_from_the_seed_and_the_pass(tmp_path, mo
 
 
 def factors_and_state(trainer):
-    """Per layer: its components, its live factors, and the shapes of its AdamW moments."""
+    """Per layer: its components, its live factors, and the shapes of its first Adam moments (torch's exp_avg,
+    bitsandbytes' state1)."""
     state = unwrap_optimizer(trainer.optimizer).state
     result = {}
     for name, layer in trainer.layers.items():
         k = layer.hard_rank()
-        moments = [tuple(state[p]["exp_avg"].shape) for p in (layer.lora_A, layer.lora_B)]
+        moments = [tuple(state[p].get("exp_avg", state[p].get("state1")).shape) for p in (layer.lora_A, layer.lora_B)]
         result[name] = (layer.components, layer.lora_A[:k].detach().clone(), layer.lora_B[:, :k].detach().clone(), moments)
     return result
 
 
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_bnb_8bit"])
 @pytest.mark.parametrize("rank", [{"mode": "fixed", "budget_avg_rank": None}, {}], ids=["fixed", "budget"])
-def test_frozen_ranks_cut_the_factors_and_their_adam_state_and_training_is_unchanged(tmp_path, rank):
+def test_frozen_ranks_cut_the_factors_and_their_adam_state_and_training_is_unchanged(tmp_path, rank, optim):
     """Ranks fixed from the start are cut at train begin, learned ones after the step that froze them (14 of 20);
-    the losses and the live factors are those of the run that keeps r_max components, masked."""
+    the losses and the live factors are those of the run that keeps r_max components, masked. (bitsandbytes keeps
+    the moments of factors this small, under 4,096 values, in 32 bits.)"""
     runs = {}
     for cut in (True, False):
         recipe = tiny_recipe(tmp_path / str(cut), adapter={"init_rank": 5.0}, rank={**rank, "cut_at_freeze": cut},
-                             train={"save_strategy": "no", "optim": "adamw_torch"})
+                             train={"save_strategy": "no", "optim": optim})
         trainer = run(recipe)
         runs[cut] = (trainer, factors_and_state(trainer))
     (cut_trainer, cut), (_, kept) = runs[True], runs[False]
@@ -298,6 +301,69 @@ def test_frozen_ranks_cut_the_factors_and_their_adam_state_and_training_is_uncha
         torch.testing.assert_close(B, kept[name][2], rtol=1e-5, atol=1e-6)
     losses = {cut: [row["loss"] for row in trainer.state.log_history if "loss" in row] for cut, (trainer, _) in runs.items()}
     assert len(losses[True]) == 20 and losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+WIDE = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "vocab_size": 320}
+
+
+def test_8bit_adam_moments_are_cut_with_their_block_maxima_when_the_ranks_freeze(tmp_path):
+    """Factors of 4,096 values or more get bitsandbytes' 8-bit moments (blocks of 256 values, one maximum each). The
+    ranks freeze at step 14 of 20; from there the cut run's moments are the kept components' own, B's quantized
+    again, so its losses follow the uncut run's within the 8-bit rounding."""
+    runs = {}
+    for cut in (True, False):
+        recipe = tiny_recipe(tmp_path / str(cut), model={"init_config": WIDE}, adapter={"init_rank": 5.0},
+                             rank={"cut_at_freeze": cut}, train={"save_strategy": "no", "optim": "adamw_bnb_8bit"})
+        runs[cut] = run(recipe)
+    trainer = runs[True]
+    state = unwrap_optimizer(trainer.optimizer).state
+    eight_bit = 0
+    for name, layer in trainer.layers.items():
+        assert layer.components == layer.hard_rank() < 8, name
+        for p in (layer.lora_A, layer.lora_B):
+            assert state[p]["state1"].shape == state[p]["state2"].shape == p.shape, name
+            if state[p]["state1"].dtype == torch.uint8:
+                eight_bit += 1
+                assert state[p]["absmax1"].numel() == state[p]["absmax2"].numel() == -(-p.numel() // 256), name
+    assert eight_bit >= len(trainer.layers)
+    losses = {cut: [row["loss"] for row in t.state.log_history if "loss" in row] for cut, t in runs.items()}
+    assert len(losses[True]) == 20 and losses[True][:14] == losses[False][:14]
+    assert losses[True][14:] == pytest.approx(losses[False][14:], abs=5e-3)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["AdamW8bit", "PagedAdamW8bit"])
+def test_cutting_8bit_moments_keeps_whole_blocks_exactly_and_requantizes_the_rest(paged):
+    """A's rows in front are whole blocks of 256 values: their codes and maxima are kept as they are. B's columns
+    are not: they are decoded, cut and quantized again, within the 8-bit code's rounding of what they were.
+    (On a CPU bitsandbytes keeps a paged optimizer's state unpaged.)"""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_blockwise
+
+    from qlrlora.trainer import _cut_state
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(16, 512)), torch.nn.Parameter(torch.randn(512, 16))
+    optimizer = (bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit)([a, b], lr=1e-3)
+    for _ in range(3):
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        optimizer.step()
+    decoded = lambda st, i: dequantize_blockwise(st[f"state{i}"], absmax=st[f"absmax{i}"], code=st[f"qmap{i}"],
+                                                 blocksize=256)
+    before = {p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)} for p in (a, b)}
+    for p, dim in ((a, 0), (b, 1)):
+        shape = p.shape
+        torch.utils.swap_tensors(p, torch.nn.Parameter(p.data.narrow(dim, 0, 6).clone()))
+        _cut_state(optimizer, p, shape, dim, 6)
+    for i in (1, 2):
+        st, old = optimizer.state[a], before[a]
+        assert torch.equal(st[f"state{i}"], old[f"state{i}"][:6]) and torch.equal(st[f"absmax{i}"], old[f"absmax{i}"][:12])
+        st, old = optimizer.state[b], before[b]
+        assert st[f"state{i}"].shape == (512, 6) and st[f"absmax{i}"].shape == (12,)
+        torch.testing.assert_close(decoded(st, i), decoded(old, i)[:, :6], rtol=0, atol=0.02 * float(old[f"absmax{i}"].max()))
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    optimizer.step()
+    assert optimizer.state[b]["step"] == 4 and bool(torch.isfinite(b).all())
 
 
 def test_a_run_resumed_from_cut_factors_reproduces_the_rest(tmp_path):
