@@ -46,6 +46,32 @@ def test_trainer_with_bf16_autocast_and_paged_8bit_adamw_moves_fp32_ranks(tmp_pa
     assert all(p.dtype == torch.bfloat16 for layer in trainer.layers.values() for p in (layer.lora_A, layer.lora_B))
 
 
+def test_paged_8bit_adamw_moments_on_cuda_are_cut_paged_when_the_ranks_freeze(tmp_path):
+    """Factors of 100,000 values or more get paged 8-bit moments (r_max 64 on rows of 2,048); after the freeze (step
+    14 of 20) they are cut to the hard ranks, stay paged where still that large, and the run follows the uncut one."""
+    from qlrlora.sft import run
+    from qlrlora.trainer import unwrap_optimizer
+
+    model = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 4096, "num_hidden_layers": 2,
+             "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 256, "vocab_size": 320}
+    runs = {}
+    for cut in (True, False):
+        recipe = tiny_recipe(tmp_path / str(cut), model={"init_config": model}, adapter={"r_max": 64},
+                             rank={"budget_avg_rank": 16, "cut_at_freeze": cut},
+                             train={"use_cpu": False, "bf16": True, "optim": "paged_adamw_8bit", "save_strategy": "no"})
+        runs[cut] = run(recipe)
+    for cut, trainer in runs.items():
+        state = unwrap_optimizer(trainer.optimizer).state
+        for name, layer in trainer.layers.items():
+            assert (layer.components == layer.hard_rank() < 64) if cut else layer.components == 64, name
+            for p in (layer.lora_A, layer.lora_B):
+                moment = state[p]["state1"]
+                assert moment.dtype == torch.uint8 and moment.shape == p.shape, name
+                assert getattr(moment, "is_paged", False) == (p.numel() >= 100_000), name
+    losses = {cut: [row["loss"] for row in t.state.log_history if "loss" in row] for cut, t in runs.items()}
+    assert len(losses[True]) == 20 and losses[True] == pytest.approx(losses[False], abs=2e-2)
+
+
 def test_dropout_on_cuda_draws_its_mask_again_and_matches_the_reference(monkeypatch):
     """On a GPU the adapter keeps no dropout mask for the backward pass; the gradients are those of x * mask / (1 - p)
     written out with the mask drawn from the same seed."""
