@@ -423,9 +423,10 @@ def _cut_state(optimizer, p: torch.nn.Parameter, old_shape: torch.Size, dim: int
     kept values are decoded and quantized again in blocks of their own, one more rounding to the 8-bit
     code of the kind every 8-bit step makes. A paged optimizer's state stays paged."""
     state = optimizer.state[p]
-    for key, value in list(state.items()):
-        if not (torch.is_tensor(value) and value.shape == old_shape):
+    for key, old in list(state.items()):
+        if not (torch.is_tensor(old) and old.shape == old_shape):
             continue
+        value = old.to(p.device)  # a paged moment is a host tensor over CUDA managed memory: decode it on p's device
         kept = value.narrow(dim, 0, n)
         if value.dtype != torch.uint8:
             cut = kept.clone()
@@ -440,7 +441,7 @@ def _cut_state(optimizer, p: torch.nn.Parameter, old_shape: torch.Size, dim: int
                 cut, quantized = quantize_blockwise(whole.narrow(dim, 0, n).contiguous(), code=code, blocksize=_BNB_BLOCK)
                 state[absmax_key] = quantized.absmax
         if getattr(optimizer, "is_paged", False):  # bitsandbytes pages large moments; free the old page
-            optimizer.page_mng.paged_tensors = [t for t in optimizer.page_mng.paged_tensors if t is not value]
+            optimizer.page_mng.paged_tensors = [t for t in optimizer.page_mng.paged_tensors if t is not old]
             cut = optimizer.get_state_buffer(p, dtype=cut.dtype).copy_(cut)
         state[key] = cut
 
