@@ -152,12 +152,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# qlrlora-sft's main, then the names of the threads still running in the process (Linux names them in /proc).
+# qlrlora-sft's main, then the names of the threads still running in the process (Linux names them in /proc;
+# a thread that ends between the listing and the read is no longer running, so it is left out).
 SFT_THEN_THREADS = """
 import os, sys
 from qlrlora.sft import main
+
+def thread_name(task):
+    try:
+        with open(f"/proc/self/task/{task}/comm") as comm:
+            return comm.read().strip()
+    except FileNotFoundError:
+        return None
+
 code = main(sys.argv[1:])
-names = sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))
+names = sorted(name for name in map(thread_name, os.listdir("/proc/self/task")) if name is not None)
 print(f"rank {os.environ['RANK']} threads after main: {names}", flush=True)
 sys.exit(code)
 """
