@@ -404,9 +404,8 @@ def run_job(directory: Path, job: Job) -> dict:
     """Train (or restore what an earlier process trained), evaluate, and write the job's result.json.
 
     A job sent SIGTERM while it trains saves a checkpoint at the end of its step and raises JobStopped;
-    run again, it resumes from that checkpoint (`segments` in its result says where it was stopped).
-    Not AdaLoRA: PEFT saves its factors cut to the ranks allocated so far and not the importance
-    averages that allocate them, so a resumed run would not be the same run; SIGTERM ends it.
+    run again, it resumes from that checkpoint (`segments` in its result says where it was stopped); AdaLoRA's
+    checkpoints also hold its uncut factors and importance averages (ADALORA_STATE).
     Training ends by saving the adapter and the training figures (TRAINED), so a job stopped while it
     evaluates is only evaluated when it runs again."""
     from qlrlora.trainer import StopOnDivergence, TrainingDiverged
@@ -514,18 +513,15 @@ def _train(trainer, job: Job, out: Path) -> list[dict]:
     from qlrlora.trainer import MarkCompleteCheckpoints, StopOnSignal
 
     path = out / SEGMENTS
-    resume = None if job.method == "adalora" else last_complete_checkpoint(out)
+    resume = last_complete_checkpoint(out)
     segments = json.loads(path.read_text()) if resume and path.is_file() else []
     begun = json.loads((resume / COMPLETE_MARKER).read_text())["global_step"] if resume else 0
     stop = StopOnSignal()
-    if job.method == "adalora":
-        trainer.train()
-    else:
-        trainer.add_callback(stop)
-        if job.method in PEFT_METHODS:
-            trainer.add_callback(MarkCompleteCheckpoints())
-        with stop.on_sigterm():
-            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.add_callback(stop)
+    if job.method in PEFT_METHODS:
+        trainer.add_callback(MarkCompleteCheckpoints())
+    with stop.on_sigterm():
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
     history = state.log_history
     runtime = next(row["train_runtime"] for row in reversed(history) if "train_runtime" in row)
@@ -558,18 +554,22 @@ def _restore_trained(trainer, job: Job, out: Path) -> None:
         _, meta = load_adapter(out, trainer.model)
         trainer.controller.load_state_dict(meta["controller"])
         return
-    import torch
     from safetensors.torch import load_file
 
-    tensors = load_file(str(out / PEFT_WEIGHTS))
-    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
-    if set(tensors) != trainable:
-        raise QLRError(f"{out / PEFT_WEIGHTS}: saved tensors differ from this job's adapter at "
-                       f"{', '.join(sorted(set(tensors) ^ trainable)[:3])}")
-    parameters = dict(trainer.model.named_parameters())
+    _copy_trainable(trainer.model, load_file(str(out / PEFT_WEIGHTS)), out / PEFT_WEIGHTS)
+
+
+def _copy_trainable(model, tensors: dict, path: Path) -> None:
+    """Copy saved tensors, one for each trainable parameter of `model` by name, into those parameters."""
+    import torch
+
+    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if tensors.keys() != parameters.keys():
+        raise QLRError(f"{path}: saved tensors differ from this job's adapter at "
+                       f"{', '.join(sorted(tensors.keys() ^ parameters.keys())[:3])}")
     with torch.no_grad():
-        for name, tensor in tensors.items():
-            parameters[name].copy_(tensor)
+        for name, p in parameters.items():
+            p.copy_(tensors[name])
 
 
 def job_trainer(directory: Path, job: Job, protocol: Protocol, recipe):
@@ -671,6 +671,19 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
                 return loss[0] + regulariser, loss[1]
             return loss + regulariser
 
+        # PEFT's checkpoint of AdaLoRA holds its factors cut to the ranks allocated so far, and loading it cuts
+        # the modules (the optimizer's state is of the uncut ones), and it leaves out the importance averages
+        # that allocate the ranks: a checkpoint also gets ADALORA_STATE, from which a resumed run goes on as
+        # the run never stopped.
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                _save_adalora_state(self.model, folder / ADALORA_STATE)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            _load_adalora_state(self.model, Path(resume_from_checkpoint) / ADALORA_STATE)
+
     class Allocate(TrainerCallback):
         # PEFT's AdaLoRA reallocates its ranks only when the training loop calls update_and_allocate.
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -679,6 +692,44 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
     trainer = AdaLoraSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                                 peft_config=config, callbacks=[StopOnDivergence(), Allocate()])
     return trainer
+
+
+ADALORA_STATE = "adalora_state.safetensors"
+_ALLOCATOR_AVERAGES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def _save_adalora_state(model, path: Path) -> None:
+    """Every trainable tensor of a PEFT AdaLoRA model as it trains (uncut), its rank allocator's importance
+    averages, and the rank pattern allocated so far (in the file's metadata), as one file written atomically."""
+    from safetensors.torch import save_file
+
+    from qlrlora.io import atomic_write
+
+    allocator = model.base_model.rankallocator
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for average in _ALLOCATOR_AVERAGES:
+        tensors.update({f"{average}/{n}": t.detach().cpu().contiguous() for n, t in getattr(allocator, average).items()})
+    metadata = {"rank_pattern": json.dumps(model.peft_config["default"].rank_pattern)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _load_adalora_state(model, path: Path) -> None:
+    """Put what `_save_adalora_state` wrote back into a PEFT AdaLoRA model built as the one that wrote it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise QLRError(f"{path.parent}: no {ADALORA_STATE} in this AdaLoRA checkpoint; it cannot be resumed")
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        rank_pattern = json.loads(f.metadata()["rank_pattern"])
+    _copy_trainable(model, {k.removeprefix("param/"): t for k, t in tensors.items() if k.startswith("param/")}, path)
+    allocator, device = model.base_model.rankallocator, next(model.parameters()).device
+    for average in _ALLOCATOR_AVERAGES:
+        prefix = f"{average}/"
+        setattr(allocator, average, {key.removeprefix(prefix): t.to(device)
+                                     for key, t in tensors.items() if key.startswith(prefix)})
+    model.peft_config["default"].rank_pattern = rank_pattern
 
 
 def _adalora_orthogonality(model):

@@ -570,8 +570,11 @@ def test_a_trained_adapter_restores_exactly_into_a_new_trainer(tmp_path, mixture
         assert torch.equal(trained.model(input_ids=tokens).logits, restored.model(input_ids=tokens).logits)
 
 
-@pytest.mark.parametrize("method", ["lora", "lr_lora_budget"])
-def test_a_job_stopped_by_sigterm_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, mixture, method,
+# AdaLoRA's schedule over these 16 steps: the budget falls from step 2 and is allocated at step 10, then for good
+# at step 11 from the importance averages (a stop at 11 resumes from those the checkpoint carries), and the steps
+# after it mask the factors by that allocation (a stop at 13 resumes with the allocation the checkpoint carries).
+@pytest.mark.parametrize(("method", "stop"), [("lora", 11), ("adalora", 11), ("adalora", 13), ("lr_lora_budget", 11)])
+def test_a_job_stopped_by_sigterm_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path, mixture, method, stop,
                                                                                    monkeypatch):
     import os
     import signal
@@ -594,23 +597,23 @@ def test_a_job_stopped_by_sigterm_resumes_from_its_checkpoint_to_the_same_adapte
 
     step_end = StopOnDivergence.on_step_end
 
-    def sigterm_at_step_11(self, args, state, control, **kwargs):  # a real SIGTERM, as at a stage's deadline
-        if state.global_step == 11:
+    def sigterm_at_the_stop(self, args, state, control, **kwargs):  # a real SIGTERM, as at a stage's deadline
+        if state.global_step == stop:
             os.kill(os.getpid(), signal.SIGTERM)
         return step_end(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(StopOnDivergence, "on_step_end", sigterm_at_step_11)
-    with pytest.raises(JobStopped, match="stopped at step 11 of 16"):
+    monkeypatch.setattr(StopOnDivergence, "on_step_end", sigterm_at_the_stop)
+    with pytest.raises(JobStopped, match=f"stopped at step {stop} of 16"):
         run_job(parted, job)
     out = parted / "jobs" / job.name
-    assert (out / "checkpoint-11" / COMPLETE_MARKER).is_file() and not (out / "result.json").exists()
+    assert (out / f"checkpoint-{stop}" / COMPLETE_MARKER).is_file() and not (out / "result.json").exists()
     monkeypatch.undo()
     resumed = run_job(parted, job)
-    assert [(s["from_step"], s["to_step"]) for s in resumed["segments"]] == [(0, 11), (11, 16)]
+    assert [(s["from_step"], s["to_step"]) for s in resumed["segments"]] == [(0, stop), (stop, 16)]
     assert resumed["train_steps"] == expected["train_steps"] == 16
     assert resumed["trained_tokens"] == expected["trained_tokens"] > 0
     assert not list(out.glob("checkpoint-*"))
-    weights = PEFT_WEIGHTS if method == "lora" else "lrlora_adapter.safetensors"
+    weights = PEFT_WEIGHTS if method in ("lora", "adalora") else "lrlora_adapter.safetensors"
     trained, again = load_file(str(whole / "jobs" / job.name / weights)), load_file(str(out / weights))
     assert trained.keys() == again.keys()  # the same run, to the bit: data order, dtypes, optimizer state, ranks
     assert all(again[name].dtype == trained[name].dtype and torch.equal(again[name], trained[name]) for name in trained)
