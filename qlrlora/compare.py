@@ -60,9 +60,11 @@ CONTROLS = ("learned_ranks_fixed", "permuted_ranks_fixed", "uniform_fixed", "uni
 METHODS = ("base", *PEFT_METHODS, "lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_budget_peft_init",
            "lr_lora_penalty", *CONTROLS)
 LEARNS_RANKS = ("lr_lora_budget", "lr_lora_budget_rslora", "lr_lora_budget_peft_init", "lr_lora_penalty")
-# The rank settings a variant of such a method may change (not the mode or the budget, which make the method).
-TUNABLE_RANK_SETTINGS = frozenset(
-    {"rank_lr", "temperature", "warmup_fraction", "freeze_fraction", "penalty", "order_components"})
+# The rank settings a variant of such a method may change (not the mode or the budget, which make the method),
+# and the adapter's r_max, the components every layer starts with (its alpha follows, so that the scale
+# alpha / sqrt(r_max) stays LoRA's).
+TUNABLE_SETTINGS = frozenset(
+    {"rank_lr", "temperature", "warmup_fraction", "freeze_fraction", "penalty", "order_components", "r_max"})
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj")
 # (method, baseline) compared seed by seed: a seed fixes the data order, so each pair saw the same rows.
 # LR-LoRA against its own final ranks retrained from scratch asks whether learning the ranks during training
@@ -123,7 +125,8 @@ class Job:
     method: str
     seed: int = 0
     lr: float | None = None
-    # Settings of the recipe's rank section that this job changes (a variant of a method in LEARNS_RANKS).
+    # Settings of the recipe's rank section that this job changes, and the adapter's r_max (a variant of a method
+    # in LEARNS_RANKS; TUNABLE_SETTINGS).
     rank: dict[str, float | bool] = field(default_factory=dict)
 
     @property
@@ -356,11 +359,19 @@ def recipe_for(directory: Path, job: Job, protocol: Protocol):
     if job.rank and job.method not in LEARNS_RANKS:
         raise QLRError(f"{job.name}: rank settings apply to a method that learns its ranks "
                        f"({', '.join(LEARNS_RANKS)}), not to {job.method}")
-    unknown = sorted(set(job.rank) - TUNABLE_RANK_SETTINGS)
+    unknown = sorted(set(job.rank) - TUNABLE_SETTINGS)
     if unknown:
         raise QLRError(f"{job.name}: rank.{', rank.'.join(unknown)}: not a setting a variant can change; "
-                       f"expected one of {', '.join(sorted(TUNABLE_RANK_SETTINGS))}")
-    rank.update(job.rank)
+                       f"expected one of {', '.join(sorted(TUNABLE_SETTINGS))}")
+    settings = dict(job.rank)
+    if "r_max" in settings:
+        r_max = settings.pop("r_max")
+        if isinstance(r_max, bool) or not float(r_max).is_integer() or r_max < protocol.rank:
+            raise QLRError(f"{job.name}: r_max: expected a whole number of components >= the budget's average "
+                           f"rank {protocol.rank}, got {r_max}")
+        adapter["r_max"] = int(r_max)
+        adapter["alpha"] = alpha / math.sqrt(protocol.r_max) * math.sqrt(r_max)
+    rank.update(settings)
     model = {"name_or_path": protocol.model, "quantize": "nf4", "double_quant": True, "dtype": "bfloat16"}
     if protocol.gguf_file:
         model["gguf_file"] = protocol.gguf_file

@@ -253,7 +253,9 @@ def test_a_variant_job_is_parsed_named_and_its_trainer_gets_its_rank_settings(tm
     assert recipe_for(directory, ordered, protocol).rank.order_components is True
     for bad, match in ((Job("lora", 0, 3e-3, {"rank_lr": 0.02}), "apply to a method that learns its ranks"),
                        (Job("lr_lora_budget", 0, 3e-3, {"budget_avg_rank": 4.0}), "rank.budget_avg_rank: not a setting"),
-                       (Job("lr_lora_budget", 0, 3e-3, {"freeze_fraction": 2.0}), "rank.freeze_fraction: expected")):
+                       (Job("lr_lora_budget", 0, 3e-3, {"freeze_fraction": 2.0}), "rank.freeze_fraction: expected"),
+                       (Job("lr_lora_budget", 0, 3e-3, {"r_max": 12.5}), "r_max: expected a whole number"),
+                       (Job("lr_lora_budget", 0, 3e-3, {"r_max": 4.0}), "r_max: expected a whole number")):
         with pytest.raises(QLRError, match=match):
             recipe_for(directory, bad, protocol)
     bad = subprocess.run([sys.executable, "tools/bench_commonsense.py", "run", str(directory), "--jobs",
@@ -261,6 +263,13 @@ def test_a_variant_job_is_parsed_named_and_its_trainer_gets_its_rank_settings(tm
                          check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "rank.freeze_fraction: expected a number in [warmup_fraction=0.9, 1]" in bad.stderr
     assert not (directory / "jobs" / "lora-lr0.003-s0").exists()  # checked before any job started
+    (fewer,) = _parsed_jobs(["lr_lora_budget_peft_init:0:3e-3:r_max=12,rank_lr=0.1"])
+    assert fewer.name == "lr_lora_budget_peft_init-r_max12-rank_lr0.1-lr0.003-s0"
+    recipe = recipe_for(directory, fewer, protocol)
+    assert (recipe.adapter.r_max, recipe.rank.rank_lr, recipe.rank.budget_avg_rank) == (12, 0.1, 8.0)
+    assert recipe.adapter.alpha / math.sqrt(12) == pytest.approx(protocol.alpha / protocol.rank)  # LoRA's scale
+    layers = job_trainer(directory, fewer, protocol, recipe).layers.values()
+    assert {layer.lora_A.shape[0] for layer in layers} == {12}
 
 
 def test_summary_reports_the_seeds_of_the_chosen_rate_only(tmp_path):

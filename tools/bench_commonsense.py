@@ -13,7 +13,8 @@ from those files and prints (or writes) the Markdown tables; `crosscheck` scores
 through PEFT's loader (qlrlora/compare.py's `crosscheck`); `losses` sets each job's late training loss
 (from its log) beside its accuracies, to tell whether the spread between seeds is in what the runs trained.
 A job of a method that learns its ranks may end with rank settings to change, e.g.
-`lr_lora_budget_peft_init:0:3e-3:rank_lr=0.02,freeze_fraction=0.5`: a variant, reported as a method of its own.
+`lr_lora_budget_peft_init:0:3e-3:rank_lr=0.02,freeze_fraction=0.5`: a variant, reported as a method of its own
+(`r_max=12` starts every layer at 12 components instead of the protocol's r_max, at the same scale).
 """
 
 from __future__ import annotations
