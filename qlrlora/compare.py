@@ -682,14 +682,14 @@ def _peft_trainer(recipe, job: Job, protocol: Protocol):
                 return loss[0] + regulariser, loss[1]
             return loss + regulariser
 
-        # PEFT's checkpoint of AdaLoRA holds its factors cut to the ranks allocated so far, and loading it cuts
-        # the modules (the optimizer's state is of the uncut ones), and it leaves out the importance averages
-        # that allocate the ranks: a checkpoint also gets ADALORA_STATE, from which a resumed run goes on as
-        # the run never stopped.
+        # PEFT's checkpoint of AdaLoRA holds its factors cut to the ranks allocated so far, loading it cuts the
+        # modules (the optimizer's state is of the uncut ones), and it leaves out the importance averages that
+        # allocate the ranks: a checkpoint also gets ADALORA_STATE, from which a resumed run goes on as if it
+        # had never stopped.
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             if self.args.should_save:
+                folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
                 _save_adalora_state(self.model, folder / ADALORA_STATE)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

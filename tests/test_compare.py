@@ -579,6 +579,21 @@ def test_a_trained_adapter_restores_exactly_into_a_new_trainer(tmp_path, mixture
         assert torch.equal(trained.model(input_ids=tokens).logits, restored.model(input_ids=tokens).logits)
 
 
+def test_an_adalora_checkpoint_without_its_state_is_refused_in_one_line(tmp_path, mixture):
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import ADALORA_STATE, _peft_trainer
+
+    directory = tmp_path / "bench"
+    prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=16, heldout_rows=4, val_per_task=1,
+                                batch_size=8, max_length=64, r_max=4, rank=2, adalora_init_r=3), mixture)
+    protocol, job = read_protocol(directory), Job("adalora", 0, 1e-3)
+    trainer = _peft_trainer(recipe_for(directory, job, protocol), job, protocol)
+    checkpoint = tmp_path / "checkpoint-5"  # as PEFT alone writes it: the adapter, cut, and no ADALORA_STATE
+    trainer.model.save_pretrained(checkpoint)
+    with pytest.raises(QLRError, match=f"{checkpoint}: no {ADALORA_STATE} in this AdaLoRA checkpoint"):
+        trainer._load_from_checkpoint(str(checkpoint))
+
+
 # AdaLoRA's schedule over these 16 steps: the budget falls from step 2 and is allocated at step 10, then for good
 # at step 11 from the importance averages (a stop at 11 resumes from those the checkpoint carries), and the steps
 # after it mask the factors by that allocation (a stop at 13 resumes with the allocation the checkpoint carries).
