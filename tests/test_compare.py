@@ -594,6 +594,32 @@ def test_an_adalora_checkpoint_without_its_state_is_refused_in_one_line(tmp_path
         trainer._load_from_checkpoint(str(checkpoint))
 
 
+def test_adalora_trains_on_peft_s_own_objective_with_its_orthogonality_term_added_once(tmp_path, mixture):
+    """TRL's loss leaves out the orthogonality term that PEFT's AdaLoRA adds to `outputs.loss`; the bench adds it
+    back, once: its training loss on a batch is the loss PEFT's own AdaLoRA model returns for it."""
+    import torch
+
+    from qlrlora.assets import build_from_config
+    from qlrlora.compare import _peft_trainer
+
+    directory = tmp_path / "bench"
+    prepare(directory, Protocol(model=str(build_from_config(TINY_LLAMA)), train_rows=16, heldout_rows=4, val_per_task=1,
+                                batch_size=8, max_length=64, r_max=4, rank=2, adalora_init_r=3), mixture)
+    protocol, job = read_protocol(directory), Job("adalora", 0, 1e-3)
+    trainer = _peft_trainer(recipe_for(directory, job, protocol), job, protocol)
+    model = trainer.model
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from PEFT's start, as after some training
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    batch = next(iter(trainer.get_train_dataloader()))
+    task = trainer.compute_loss(model.eval(), batch)
+    ours = trainer.compute_loss(model.train(), batch)
+    peft = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, peft, rtol=1e-5) and float(ours - task) > 0.1
+
+
 # AdaLoRA's schedule over these 16 steps: the budget falls from step 2 and is allocated at step 10, then for good
 # at step 11 from the importance averages (a stop at 11 resumes from those the checkpoint carries), and the steps
 # after it mask the factors by that allocation (a stop at 13 resumes with the allocation the checkpoint carries).
