@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from qlrlora.config import Recipe, load_recipe
@@ -58,12 +59,32 @@ def _leave_processes() -> None:
     interpreter's teardown, gloo's threads can outlive it (two-process CPU runs in CI ended in "terminate called
     without an active exception" after their last step). destroy_process_group alone does not stop them while
     anything still holds the group, and the trainer's DDP wrapper does until the garbage collector breaks the
-    trainer's reference cycles; so collect first."""
+    trainer's reference cycles; so collect first. And gloo's transport thread (gloo_tcp_loop) can still be ending
+    when destroy_process_group returns (seen for 13 ms in one of ten two-process CPU runs), so wait for it."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+        _await_threads_ending("gloo")
+
+
+def _await_threads_ending(prefix: str, timeout_s: float = 5.0) -> None:
+    """Wait until no thread of this process has a name starting with `prefix`, for `timeout_s` at most. Linux
+    lists a process's threads under /proc/self/task; elsewhere this returns at once."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(name.startswith(prefix) for name in _thread_names()):
+        time.sleep(0.01)
+
+
+def _thread_names() -> list[str]:
+    names = []
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        try:
+            names.append(comm.read_text().strip())
+        except FileNotFoundError:  # the thread ended after the listing
+            continue
+    return names
 
 
 def run(recipe: Recipe, callbacks: list | None = None):

@@ -189,6 +189,33 @@ def test_two_process_ddp_keeps_ranks_identical_and_stops_gloo_before_exit(tmp_pa
     assert not [line for line in reports if "gloo" in line], reports
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from Linux's /proc")
+def test_leaving_waits_for_a_named_thread_still_ending_and_gives_up_at_its_timeout():
+    import ctypes
+    import threading
+    import time
+
+    from qlrlora.sft import _await_threads_ending, _thread_names
+
+    release = threading.Event()
+
+    def ending_late():
+        ctypes.CDLL(None).prctl(15, b"gloo_late", 0, 0, 0)  # PR_SET_NAME, as gloo names its loop thread
+        release.wait()
+
+    thread = threading.Thread(target=ending_late)
+    thread.start()
+    while "gloo_late" not in _thread_names():
+        time.sleep(0.01)
+    began = time.monotonic()
+    _await_threads_ending("gloo", timeout_s=0.2)  # still running: gives up after its timeout
+    assert 0.2 <= time.monotonic() - began < 1 and "gloo_late" in _thread_names()
+    threading.Timer(0.3, release.set).start()
+    _await_threads_ending("gloo")
+    assert "gloo_late" not in _thread_names()
+    thread.join()
+
+
 def test_training_warns_when_the_budget_is_out_of_reach(tmp_path, capsys):
     short = tiny_recipe(tmp_path / "short", rank={"budget_avg_rank": 1}, train={"max_steps": 10, "save_strategy": "no"})
     build_trainer(short).train()
