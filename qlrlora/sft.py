@@ -60,7 +60,7 @@ def _leave_processes() -> None:
     without an active exception" after their last step). destroy_process_group alone does not stop them while
     anything still holds the group, and the trainer's DDP wrapper does until the garbage collector breaks the
     trainer's reference cycles; so collect first. And gloo's transport thread (gloo_tcp_loop) can still be ending
-    when destroy_process_group returns (seen for 13 ms in one of ten two-process CPU runs), so wait for it."""
+    when destroy_process_group returns (a few milliseconds, now and then, in two-process CPU runs), so wait for it."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -205,8 +205,10 @@ def test_leaving_waits_for_a_named_thread_still_ending_and_gives_up_at_its_timeo
 
     thread = threading.Thread(target=ending_late)
     thread.start()
-    while "gloo_late" not in _thread_names():
+    named_by = time.monotonic() + 5
+    while "gloo_late" not in _thread_names() and time.monotonic() < named_by:
         time.sleep(0.01)
+    assert "gloo_late" in _thread_names()
     began = time.monotonic()
     _await_threads_ending("gloo", timeout_s=0.2)  # still running: gives up after its timeout
     assert 0.2 <= time.monotonic() - began < 1 and "gloo_late" in _thread_names()
